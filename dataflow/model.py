@@ -1,0 +1,140 @@
+"""The records that flow between steps: a decoded change, and a dead letter."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, NamedTuple
+
+import orjson
+
+from dataflow import __version__
+
+Op = Literal["insert", "update", "replace", "delete"]
+
+
+class BsonTimestamp(NamedTuple):
+    """BSON `$timestamp` (seconds, increment); stored as struct<t:int64, i:int64>."""
+
+    t: int
+    i: int
+
+
+@dataclass(slots=True)
+class ChangeEvent:
+    """One MongoDB change, whatever envelope it came in.
+
+    `doc` is the full document after the change (with `_id`), decoded from
+    Extended JSON into Python values (see `dataflow.extjson`). A partial update
+    has `doc=None` and carries `updated` (top-level fields set) and `removed`
+    (top-level fields unset) instead. A delete has neither.
+    """
+
+    db: str
+    collection: str
+    id: str
+    op: Op
+    doc: dict[str, Any] | None
+    ts_ms: int
+    ord: int
+    topic: str
+    partition: int
+    offset: int
+    size: int
+    updated: dict[str, Any] | None = None
+    removed: tuple[str, ...] = ()
+
+    @property
+    def table(self) -> str:
+        return f"{self.db}.{self.collection}"
+
+    @property
+    def seq(self) -> int:
+        """Source order as one int64: cluster seconds << 32 | ordinal within the second."""
+        return ((self.ts_ms // 1000) << 32) | (self.ord & 0xFFFFFFFF)
+
+    @property
+    def is_partial(self) -> bool:
+        return self.op == "update" and self.doc is None
+
+
+class Reason(StrEnum):
+    """Why a message went to the dead-letter queue."""
+
+    CORRUPTED_DATA = "CORRUPTED_DATA"
+    SCHEMA_VALIDATION_FAILED = "SCHEMA_VALIDATION_FAILED"
+    OVERSIZED_DOCUMENT = "OVERSIZED_DOCUMENT"
+    INVALID_BSON = "INVALID_BSON"
+    UNSUPPORTED_PARTIAL_UPDATE = "UNSUPPORTED_PARTIAL_UPDATE"
+    TRANSFORMATION_ERROR = "TRANSFORMATION_ERROR"
+    MAX_RETRIES_EXCEEDED = "MAX_RETRIES_EXCEEDED"
+    DELTA_WRITE_ERROR = "DELTA_WRITE_ERROR"
+    MINIO_ERROR = "MINIO_ERROR"
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message the pipeline could not apply, with everything needed to replay it.
+
+    `key` and `value` are the original bytes, untouched; in JSON they are base64.
+    """
+
+    reason: Reason
+    error: str
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    retry_count: int = 0
+    first_failure_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    pipeline_version: str = __version__
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "reason": str(self.reason),
+                "error": self.error,
+                "key_b64": _b64(self.key),
+                "value_b64": _b64(self.value),
+                "source": {"topic": self.topic, "partition": self.partition, "offset": self.offset},
+                "retry_count": self.retry_count,
+                "first_failure_ms": self.first_failure_ms,
+                "pipeline_version": self.pipeline_version,
+                "metadata": self.metadata,
+            },
+            default=str,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> DeadLetter:
+        d = orjson.loads(data)
+        src = d["source"]
+        return cls(
+            reason=Reason(d["reason"]),
+            error=d["error"],
+            key=_unb64(d.get("key_b64")),
+            value=_unb64(d.get("value_b64")),
+            topic=src["topic"],
+            partition=src["partition"],
+            offset=src["offset"],
+            retry_count=d.get("retry_count", 0),
+            first_failure_ms=d["first_failure_ms"],
+            pipeline_version=d.get("pipeline_version", ""),
+            metadata=d.get("metadata") or {},
+        )
+
+    @property
+    def source_id(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
