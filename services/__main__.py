@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from services import CACHE, ROOT
 from services.kafka import Kafka
@@ -45,7 +44,9 @@ def start() -> None:
         return
     RUN.mkdir(parents=True, exist_ok=True)
     minio_creds = RUN / "minio-credentials.json"
-    minio = MinIO(RUN / "minio-data", port=_port("MINIO_PORT", 9000), console_port=_port("MINIO_CONSOLE_PORT", 9001))
+    minio = MinIO(
+        RUN / "minio-data", port=_port("MINIO_PORT", 9000), console_port=_port("MINIO_CONSOLE_PORT", 9001)
+    )
     # Credentials are generated once per data folder and kept beside it (not in git).
     if minio_creds.exists():
         creds = json.loads(minio_creds.read_text())
@@ -53,7 +54,9 @@ def start() -> None:
     else:
         minio_creds.write_text(json.dumps({"access_key": minio.access_key, "secret_key": minio.secret_key}))
         minio_creds.chmod(0o600)
-    kafka = Kafka(RUN / "kafka", port=_port("KAFKA_PORT", 9092), controller_port=_port("KAFKA_CONTROLLER_PORT", 9093))
+    kafka = Kafka(
+        RUN / "kafka", port=_port("KAFKA_PORT", 9092), controller_port=_port("KAFKA_CONTROLLER_PORT", 9093)
+    )
     print("starting MinIO ...", flush=True)
     minio.start()
     print("starting Kafka ...", flush=True)

@@ -6,12 +6,11 @@ import os
 import secrets
 import shutil
 import subprocess
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services import CACHE
-from services.process import free_port, spawn, stop_pid, wait_until
+from services.process import free_port, http_ok, spawn, stop_pid, wait_until
 
 # MinIO publishes no semver tags, so the module proxy serves pseudo-versions.
 MINIO_MODULE = "github.com/minio/minio"
@@ -68,9 +67,16 @@ class MinIO:
     def start(self, timeout: float = 60.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         proc = spawn(
-            [str(install()), "server", str(self.data_dir), "--quiet",
-             "--address", f"127.0.0.1:{self.port}",
-             "--console-address", f"127.0.0.1:{self.console_port}"],
+            [
+                str(install()),
+                "server",
+                str(self.data_dir),
+                "--quiet",
+                "--address",
+                f"127.0.0.1:{self.port}",
+                "--console-address",
+                f"127.0.0.1:{self.console_port}",
+            ],
             log=self.log,
             env={
                 "MINIO_ROOT_USER": self.access_key,
@@ -84,11 +90,7 @@ class MinIO:
         wait_until(self.ready, timeout=timeout, what="MinIO", proc=proc, log=self.log)
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.endpoint}/minio/health/live", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.endpoint}/minio/health/live")
 
     def stop(self) -> None:
         if self.pid is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,25 +28,38 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def http_ok(url: str) -> bool:
+    """True when a GET answers 200 (a readiness probe)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def spawn(
     argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.Popen:
     """Start a server in its own session (so a terminal's ^C does not reach it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log, "ab")
-    return subprocess.Popen(
-        list(argv),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        start_new_session=True,
-    )
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
 
 
 def wait_until(
-    ready: Callable[[], bool], *, timeout: float, what: str, proc: subprocess.Popen | None = None,
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
     log: Path | None = None,
 ) -> None:
     """Poll `ready` until it is true; fail with the log's tail if the process dies or time runs out."""
@@ -104,7 +119,5 @@ def stop_pid(pid: int, *, timeout: float = 60.0) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

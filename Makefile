@@ -1,0 +1,45 @@
+# The commands a data engineer runs. The first `make test` or `make demo`
+# installs everything into this folder (.venv, .cache); later runs reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install services services-stop test lint format demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+## install: Python packages, Kafka jars (Maven) and MinIO (go install), all cached
+install: $(VENV)/.installed
+	$(PY) -m services install
+
+## services: start Kafka and MinIO in the background; writes .services.env
+services: install
+	$(PY) -m services start
+
+## services-stop: stop them (their data stays under .cache/run)
+services-stop:
+	$(PY) -m services stop
+
+## test: lint, then every test; the fixtures start Kafka and MinIO themselves
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+## demo: run the pipeline on its bundled sample into ./data
+demo: $(VENV)/.installed
+	$(PY) -m dataflow.demo
+
+clean:
+	rm -rf data .pytest_cache .ruff_cache
