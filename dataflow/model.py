@@ -45,6 +45,10 @@ class ChangeEvent:
     size: int
     updated: dict[str, Any] | None = None
     removed: tuple[str, ...] = ()
+    # The message's own bytes, kept by reference (no copy) so that an event
+    # Delta refuses later can still be dead-lettered with its original bytes.
+    raw_key: bytes | None = None
+    raw_value: bytes | None = None
 
     @property
     def table(self) -> str:

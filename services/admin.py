@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from urllib.parse import urlparse
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from dataflow.kafka_admin import create_topics
 
-
-def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 4) -> None:
-    """Create topics (idempotent) and wait until the broker has them."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names], operation_timeout=30)
-    for name, fut in futures.items():
-        try:
-            fut.result(timeout=60)
-        except KafkaException as e:
-            if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                raise RuntimeError(f"cannot create topic {name}: {e}") from e
+__all__ = ["create_topics", "create_bucket", "s3_client"]
 
 
 def s3_client(env: dict[str, str]):
