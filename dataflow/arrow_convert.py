@@ -1,0 +1,308 @@
+"""Decoded document values -> Arrow columns, with per-column type decisions that never change.
+
+MongoDB documents have no fixed schema, so a field can be an int in one change
+and a string or a sub-document in the next. The rules, applied per field:
+
+* a new column takes the natural type of the values in its first batch
+  (`str` string, `int` int64, `float` or int+float float64, `bool` bool,
+  `datetime` timestamp[us, UTC], `bytes` binary, `BsonTimestamp`
+  struct<t:int64, i:int64>); dicts, lists and any other mix are JSON text;
+* an existing column never changes type (Delta cannot retype a column in
+  place). Values that don't fit it (a float in an int64 column, an int in a
+  string column, ...) go, as JSON text, to a companion column
+  `<column>__json` that is added the first time it is needed. A reader
+  recovers the field as `coalesce(<column>, <column>__json)`;
+* JSON text is orjson output with MongoDB Extended JSON v2 (relaxed) for what
+  JSON cannot say: `{"$date": ISO-8601}`, `{"$binary": ...}`,
+  `{"$timestamp": {"t", "i"}}`, `{"$numberDouble": "NaN"}`.
+
+The table schema is the record of these decisions: every column carries field
+metadata (`cdc.field`, `cdc.kind`, `cdc.role`) written in the same commit that
+adds the column, so later batches and restarted processes rebuild the same
+`Layout` from the table alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+import pyarrow as pa
+
+from dataflow.model import BsonTimestamp
+
+Kind = Literal["string", "int64", "float64", "bool", "timestamp", "binary", "bsonts", "json", "other"]
+Role = Literal["value", "json_fallback", "meta"]
+
+BSON_TIMESTAMP = pa.struct([pa.field("t", pa.int64()), pa.field("i", pa.int64())])
+TIMESTAMP_UTC = pa.timestamp("us", tz="UTC")
+
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "timestamp": TIMESTAMP_UTC,
+    "binary": pa.binary(),
+    "bsonts": BSON_TIMESTAMP,
+    "json": pa.string(),
+}
+
+# Which value kinds a column of a given kind can hold without loss of meaning.
+ACCEPTS: dict[str, frozenset[str]] = {
+    "int64": frozenset({"int64"}),
+    "float64": frozenset({"int64", "float64"}),
+    "json": frozenset(ARROW_TYPES),
+    "other": frozenset(),
+    **{k: frozenset({k}) for k in ("string", "bool", "timestamp", "binary", "bsonts")},
+}
+
+_KIND_OF_TYPE: dict[type, str | None] = {
+    type(None): None,
+    str: "string",
+    int: "int64",
+    float: "float64",
+    bool: "bool",
+    datetime: "timestamp",
+    bytes: "binary",
+    BsonTimestamp: "bsonts",
+    dict: "json",
+    list: "json",
+    tuple: "json",
+}
+
+
+def kind_of(t: type) -> str | None:
+    """Kind of a Python value type (None for NoneType); subclasses resolve to their base, cached."""
+    try:
+        return _KIND_OF_TYPE[t]
+    except KeyError:
+        pass
+    kind = "json"
+    for base, k in (
+        (bool, "bool"),
+        (int, "int64"),
+        (float, "float64"),
+        (str, "string"),
+        (datetime, "timestamp"),
+        (bytes, "binary"),
+        (BsonTimestamp, "bsonts"),
+    ):
+        if issubclass(t, base):
+            kind = k
+            break
+    _KIND_OF_TYPE[t] = kind
+    return kind
+
+
+def natural_kind(kinds: Iterable[str]) -> str:
+    """Column kind for a new field whose first batch held these value kinds."""
+    ks = set(kinds)
+    if len(ks) == 1:
+        return ks.pop()
+    if ks == {"int64", "float64"}:
+        return "float64"
+    return "json"
+
+
+# ---------------------------------------------------------------- JSON text
+
+
+def _iso(d: datetime) -> str:
+    d = d.replace(tzinfo=UTC) if d.tzinfo is None else d.astimezone(UTC)
+    spec = "milliseconds" if d.microsecond % 1000 == 0 else "microseconds"
+    return d.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return {"$date": _iso(o)}
+    if isinstance(o, BsonTimestamp):
+        return {"$timestamp": {"t": o.t, "i": o.i}}
+    if isinstance(o, bytes | bytearray | memoryview):
+        return {"$binary": {"base64": base64.b64encode(o).decode("ascii"), "subType": "00"}}
+    raise TypeError(f"cannot store a {type(o).__name__} value as JSON text")
+
+
+def _finite(v: Any) -> Any:
+    """Copy of `v` with NaN/Infinity as Extended JSON, since orjson writes them as null."""
+    t = type(v)
+    if t is float and not math.isfinite(v):
+        return {"$numberDouble": "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")}
+    if t is dict:
+        return {k: _finite(x) for k, x in v.items()}
+    if t is list or t is tuple:
+        return [_finite(x) for x in v]
+    return v
+
+
+_JSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def to_json_text(v: Any) -> str:
+    """Lossless JSON text for any decoded value (Extended JSON for non-JSON types)."""
+    out = orjson.dumps(v, default=_json_default, option=_JSON_OPTS)
+    if b"null" in out:  # maybe a NaN/Infinity that orjson turned into null: redo the slow way
+        out = orjson.dumps(_finite(v), default=_json_default, option=_JSON_OPTS)
+    return out.decode()
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One table column: where a document field (or pipeline metadata) lives, and as what."""
+
+    name: str
+    kind: str
+    role: Role
+    field: str | None = None
+    arrow_type: pa.DataType | None = None  # for meta columns with types outside ARROW_TYPES
+
+    @property
+    def type(self) -> pa.DataType:
+        return self.arrow_type if self.arrow_type is not None else ARROW_TYPES[self.kind]
+
+    def arrow_field(self) -> pa.Field:
+        meta = {"cdc.kind": self.kind, "cdc.role": self.role}
+        if self.field is not None:
+            meta["cdc.field"] = self.field
+        return pa.field(self.name, self.type, nullable=True, metadata=meta)
+
+
+def _kind_from_arrow(t: pa.DataType) -> str:
+    for kind, at in ARROW_TYPES.items():
+        if kind != "json" and t.equals(at):
+            return kind
+    return "other"
+
+
+class Layout:
+    """The table's columns and the decision behind each; built from (and recorded in) the schema."""
+
+    def __init__(self, columns: Iterable[Column]) -> None:
+        self.columns: list[Column] = []
+        self.value: dict[str, Column] = {}
+        self.fallback: dict[str, Column] = {}
+        self._taken: set[str] = set()
+        for c in columns:
+            self._add(c)
+
+    def _add(self, c: Column) -> None:
+        self.columns.append(c)
+        self._taken.add(c.name.lower())  # Delta column names are case-insensitive
+        if c.role == "value":
+            self.value[c.field] = c  # type: ignore[index]
+        elif c.role == "json_fallback":
+            self.fallback[c.field] = c  # type: ignore[index]
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema, meta: Mapping[str, Column]) -> Layout:
+        """Read the decisions back from column metadata; columns we didn't write are taken as they are."""
+        cols = []
+        for f in schema:
+            md = {k.decode(): v.decode() for k, v in (f.metadata or {}).items()}
+            role = md.get("cdc.role")
+            if role in ("value", "json_fallback"):
+                cols.append(Column(f.name, md["cdc.kind"], role, md.get("cdc.field", f.name)))
+            elif role == "meta" or f.name in meta:
+                cols.append(meta.get(f.name) or Column(f.name, "other", "meta", arrow_type=f.type))
+            else:  # a column from another writer: keep its type, send what doesn't fit to a fallback
+                kind = _kind_from_arrow(f.type)
+                cols.append(Column(f.name, kind, "value", f.name, None if kind != "other" else f.type))
+        return cls(cols)
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([c.arrow_field() for c in self.columns])
+
+    def claim(self, base: str) -> str:
+        """A column name not used yet (case-insensitively): `base`, else `base__2`, `base__3`, ..."""
+        name, n = base, 1
+        while name.lower() in self._taken:
+            n += 1
+            name = f"{base}__{n}"
+        return name
+
+    def plan(self, kinds: Mapping[str, frozenset[str]]) -> list[Column]:
+        """Add the columns this batch needs (new fields, first drift of a field); return them."""
+        new = []
+        for field, ks in kinds.items():
+            if not ks:  # only nulls: nothing to decide, absent and null read the same
+                continue
+            main = self.value.get(field)
+            if main is None:
+                c = Column(self.claim(field), natural_kind(ks), "value", field)
+            elif ks <= ACCEPTS[main.kind] or field in self.fallback:
+                continue
+            else:
+                c = Column(self.claim(f"{main.name}__json"), "json", "json_fallback", field)
+            self._add(c)
+            new.append(c)
+        return new
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def field_values(rows: Iterable[Mapping[str, Any]], n: int, skip: str = "_id") -> dict[str, list[Any]]:
+    """Per-field value lists (None where a row lacks the field): the one per-value Python pass."""
+    cols: dict[str, list[Any]] = {}
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            col = cols.get(k)
+            if col is None:
+                if k == skip:
+                    continue
+                col = cols[k] = [None] * n
+            col[i] = v
+    return cols
+
+
+def field_kinds(values: Mapping[str, list[Any]]) -> dict[str, frozenset[str]]:
+    """Non-null value kinds per field."""
+    out = {}
+    for field, col in values.items():
+        out[field] = frozenset(k for k in map(kind_of, set(map(type, col))) if k is not None)
+    return out
+
+
+def to_array(values: list[Any], column: Column) -> pa.Array:
+    """One Arrow array for the column from Python values that fit it (or are None)."""
+    if column.kind == "json":
+        return pa.array([None if v is None else to_json_text(v) for v in values], pa.string())
+    if column.kind == "other":  # nothing fits a foreign-typed column
+        return pa.nulls(len(values), column.type)
+    return pa.array(values, column.type)
+
+
+def build_arrays(
+    layout: Layout, values: Mapping[str, list[Any]], kinds: Mapping[str, frozenset[str]]
+) -> dict[str, pa.Array]:
+    """Arrays per column name for the fields in `values`; needs `layout.plan(kinds)` done first."""
+    out: dict[str, pa.Array] = {}
+    for field, col in values.items():
+        main = layout.value.get(field)
+        if main is None:  # all-null field without a column: nothing to store
+            continue
+        ok = ACCEPTS[main.kind]
+        fb = layout.fallback.get(field)
+        if not kinds[field]:
+            out[main.name] = pa.nulls(len(col), main.type)
+        elif kinds[field] <= ok:
+            out[main.name] = to_array(col, main)
+        else:
+            fits = [v is None or kind_of(type(v)) in ok for v in col]
+            out[main.name] = to_array([v if f else None for v, f in zip(col, fits, strict=True)], main)
+            out[fb.name] = pa.array(  # type: ignore[union-attr]
+                [None if f else to_json_text(v) for v, f in zip(col, fits, strict=True)], pa.string()
+            )
+            continue
+        if fb is not None:
+            out[fb.name] = pa.nulls(len(col), pa.string())
+    return out
