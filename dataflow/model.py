@@ -56,8 +56,12 @@ class ChangeEvent:
 
     @property
     def seq(self) -> int:
-        """Source order as one int64: cluster seconds << 32 | ordinal within the second."""
-        return ((self.ts_ms // 1000) << 32) | (self.ord & 0xFFFFFFFF)
+        """Source order as one int64: cluster seconds << 31 | ordinal within the second.
+
+        BSON cluster seconds are uint32 (good to 2106) and validation keeps the
+        ordinal below 2**31, so the result always fits a signed int64.
+        """
+        return ((self.ts_ms // 1000) << 31) | self.ord
 
     @property
     def is_partial(self) -> bool:

@@ -1,0 +1,432 @@
+"""MongoDB Extended JSON (v1 and v2, canonical and relaxed) to plain Python values.
+
+Connectors hand documents over as Extended JSON; the sink wants plain values with
+one fixed mapping (DESIGN.md, type mapping table). This is the hot path, so:
+
+- `loads` skips the walk entirely when the text cannot hold a type wrapper
+  (no `"$` and no escaped `$` in it), which is the common relaxed-mode case;
+- `decode` walks iteratively (no recursion limit below orjson's depth limit)
+  and replaces wrappers *in place* in the freshly parsed containers it is
+  given, instead of building a copy of every document;
+- the field path of a malformed wrapper is only worked out when one is found.
+
+Decisions where the Extended JSON spec leaves room:
+
+- An object is a type wrapper only when its keys are exactly a wrapper's keys.
+  A known wrapper key mixed with other keys (`{"$oid": "..", "x": 1}`) is an
+  error. Objects whose `$` keys are not wrapper keys (`{"$foo": 1}`, DBRefs
+  `{"$ref", "$id", "$db"}`, the `$regex` / `$type` query operators) are plain
+  documents: MongoDB 5.0+ allows `$`-prefixed field names.
+- `$numberInt` / `$numberLong` / `$numberDouble` also accept a JSON number
+  (some v1 writers emit one); the value must still fit int32 / int64.
+- A `$date` ISO string without an offset is taken as UTC. Dates outside
+  `datetime`'s range (years 1..9999) raise `InvalidBson`.
+- regex, code (with or without scope), minKey/maxKey, dbPointer and undefined
+  become the JSON text of the wrapper exactly as received (lossless, but the
+  v1 and v2 spellings of the same value give different text).
+- Plain JSON integers are taken as orjson parses them (it refuses anything
+  beyond 64 bits); values between 2**63 and 2**64 are left to the sink.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import reprlib
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from dataflow.model import BsonTimestamp
+
+__all__ = ["InvalidBson", "decode", "id_text", "loads"]
+
+_HEX = "0123456789abcdefABCDEF"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+_UINT32_MAX = 2**32 - 1
+_SPECIAL_DOUBLES = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+_DOUBLE_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_DECIMAL_RE = re.compile(
+    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)", re.IGNORECASE
+)
+_UUID_SUBTYPES = frozenset({"3", "03", "4", "04"})
+_PLAIN = object()  # marker: "this object is a plain document, not a type wrapper"
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 40
+_show = _repr.repr
+
+
+class InvalidBson(ValueError):
+    """A malformed Extended JSON type wrapper. `path` names the field ("" is the root)."""
+
+    def __init__(self, problem: str, path: str = "") -> None:
+        self.problem = problem
+        self.path = path
+        super().__init__(f"invalid Extended JSON at {path or '<root>'!s}: {problem}")
+
+
+# --- one function per wrapper; each gets the wrapped value and the whole wrapper object
+
+
+def _text(_v: Any, d: dict) -> str:
+    return orjson.dumps(d).decode()
+
+
+def _oid(v: Any, _d: dict | None = None) -> str:
+    if type(v) is str and len(v) == 24 and not v.strip(_HEX):
+        return v.lower()
+    raise InvalidBson(f"$oid must be a string of 24 hex digits, got {_show(v)}")
+
+
+def _integer(v: Any, what: str, bounds: tuple[int, int]) -> int:
+    t = type(v)
+    if t is str:
+        digits = v[1:] if v[:1] == "-" else v
+        # isdigit() alone accepts non-ASCII digits; the length cap keeps int() away
+        # from its 4300-digit limit (anything that long is out of range anyway).
+        if digits.isascii() and digits.isdigit() and len(digits) <= 25:
+            n = int(v)
+            if bounds[0] <= n <= bounds[1]:
+                return n
+            raise InvalidBson(f"{what} {v} is out of range")
+    elif t is int and bounds[0] <= v <= bounds[1]:
+        return v
+    raise InvalidBson(f"{what} must be a decimal integer string, got {_show(v)}")
+
+
+def _int32(v: Any, _d: dict) -> int:
+    if type(v) is str and v.isascii() and v.isdigit() and len(v) <= 9:  # fast path: fits int32
+        return int(v)
+    return _integer(v, "$numberInt", _INT32)
+
+
+def _int64(v: Any, _d: dict) -> int:
+    if type(v) is str and v.isascii() and v.isdigit() and len(v) <= 18:  # fast path: fits int64
+        return int(v)
+    return _integer(v, "$numberLong", _INT64)
+
+
+def _double(v: Any, _d: dict) -> float:
+    t = type(v)
+    if t is str:
+        special = _SPECIAL_DOUBLES.get(v)
+        if special is not None:
+            return special
+        if _DOUBLE_RE.fullmatch(v):
+            return float(v)
+    elif t is float or t is int:
+        return float(v)
+    raise InvalidBson(f"$numberDouble must be a number string, NaN, Infinity or -Infinity, got {_show(v)}")
+
+
+def _decimal(v: Any, _d: dict) -> str:
+    if type(v) is str and _DECIMAL_RE.fullmatch(v):
+        return v
+    raise InvalidBson(f"$numberDecimal must be a decimal number string, got {_show(v)}")
+
+
+def _date(v: Any, _d: dict) -> datetime:
+    t = type(v)
+    if t is str:
+        try:
+            dt = datetime.fromisoformat(v)
+        except ValueError:
+            raise InvalidBson(f"$date is not an ISO-8601 date-time: {_show(v)}") from None
+        tz = dt.tzinfo
+        if tz is UTC:
+            return dt
+        if tz is None:
+            return dt.replace(tzinfo=UTC)
+        try:
+            return dt.astimezone(UTC)
+        except OverflowError:
+            raise InvalidBson(f"$date {v} is outside the supported range (years 1-9999)") from None
+    if t is dict:
+        if len(v) != 1 or "$numberLong" not in v:
+            raise InvalidBson(f'$date object must be {{"$numberLong": "<ms>"}}, got {_show(v)}')
+        ms = _integer(v["$numberLong"], "$date.$numberLong", _INT64)
+    elif t is int:
+        ms = v
+    else:
+        raise InvalidBson(f"$date must be an ISO string, a $numberLong or an integer, got {_show(v)}")
+    try:
+        return _EPOCH + timedelta(milliseconds=ms)
+    except OverflowError:
+        raise InvalidBson(f"$date {ms} ms is outside the supported range (years 1-9999)") from None
+
+
+def _bin(b64: Any, subtype: Any) -> bytes | str:
+    if type(subtype) is not str or not 1 <= len(subtype) <= 2 or subtype.strip(_HEX):
+        raise InvalidBson(f"binary subtype must be 1-2 hex digits, got {_show(subtype)}")
+    if type(b64) is not str:
+        raise InvalidBson(f"binary payload must be a base64 string, got {_show(b64)}")
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        raise InvalidBson(f"binary payload is not valid base64: {_show(b64)}") from None
+    if len(data) == 16 and subtype in _UUID_SUBTYPES:
+        return str(uuid.UUID(bytes=data))
+    return data
+
+
+def _binary(v: Any, _d: dict) -> bytes | str:
+    if type(v) is dict and len(v) == 2 and "base64" in v and "subType" in v:
+        return _bin(v["base64"], v["subType"])
+    raise InvalidBson(f'$binary must be {{"base64": .., "subType": ..}} (or v1 with "$type"), got {_show(v)}')
+
+
+def _uuid(v: Any, _d: dict) -> str:
+    if type(v) is str and len(v) == 36:
+        try:
+            text = str(uuid.UUID(v))
+        except ValueError:
+            pass
+        else:
+            if text == v.lower():
+                return text
+    raise InvalidBson(f"$uuid must be a hyphenated 36-character UUID string, got {_show(v)}")
+
+
+def _timestamp(v: Any, _d: dict) -> BsonTimestamp:
+    if type(v) is dict and len(v) == 2:
+        t, i = v.get("t"), v.get("i")
+        if type(t) is int and type(i) is int and 0 <= t <= _UINT32_MAX and 0 <= i <= _UINT32_MAX:
+            return BsonTimestamp(t, i)
+    raise InvalidBson(f'$timestamp must be {{"t": uint32, "i": uint32}}, got {_show(v)}')
+
+
+def _regex(v: Any, d: dict) -> str:
+    if type(v) is dict and len(v) == 2 and type(v.get("pattern")) is str and type(v.get("options")) is str:
+        return _text(v, d)
+    raise InvalidBson(f'$regularExpression must be {{"pattern": str, "options": str}}, got {_show(v)}')
+
+
+def _code(v: Any, d: dict) -> str:
+    if type(v) is str:
+        return _text(v, d)
+    raise InvalidBson(f"$code must be a string, got {_show(v)}")
+
+
+def _min_max(v: Any, d: dict) -> str:
+    if type(v) is int and v == 1:
+        return _text(v, d)
+    raise InvalidBson(f"{next(iter(d))} must be 1, got {_show(v)}")
+
+
+def _symbol(v: Any, _d: dict) -> str:
+    if type(v) is str:
+        return v
+    raise InvalidBson(f"$symbol must be a string, got {_show(v)}")
+
+
+def _db_pointer(v: Any, d: dict) -> str:
+    if type(v) is dict and len(v) == 2 and type(v.get("$ref")) is str:
+        oid = v.get("$id")
+        if type(oid) is dict and len(oid) == 1 and "$oid" in oid:
+            _oid(oid["$oid"])
+            return _text(v, d)
+    raise InvalidBson(f'$dbPointer must be {{"$ref": str, "$id": {{"$oid": ..}}}}, got {_show(v)}')
+
+
+def _undefined(v: Any, d: dict) -> str:
+    if v is True:
+        return _text(v, d)
+    raise InvalidBson(f"$undefined must be true, got {_show(v)}")
+
+
+_SINGLE = {
+    "$oid": _oid,
+    "$date": _date,
+    "$numberInt": _int32,
+    "$numberLong": _int64,
+    "$numberDouble": _double,
+    "$numberDecimal": _decimal,
+    "$binary": _binary,
+    "$uuid": _uuid,
+    "$timestamp": _timestamp,
+    "$regularExpression": _regex,
+    "$code": _code,
+    "$minKey": _min_max,
+    "$maxKey": _min_max,
+    "$symbol": _symbol,
+    "$dbPointer": _db_pointer,
+    "$undefined": _undefined,
+}
+# Keys that only ever appear in a type wrapper. `$regex`, `$options` and `$type`
+# are not here: alone (or with other keys) they are query operators, i.e. data.
+_WRAPPER_KEYS = frozenset(_SINGLE) | {"$scope"}
+
+
+def _dollar(d: dict) -> Any:
+    """Decode an object that has a `$` key: a wrapper's value, or `_PLAIN`."""
+    n = len(d)
+    if n == 1:
+        k = next(iter(d))
+        handler = _SINGLE.get(k)
+        if handler is not None:
+            return handler(d[k], d)
+    elif n == 2:
+        if "$binary" in d and "$type" in d:  # v1 binary
+            if type(d["$binary"]) is not str:
+                raise InvalidBson(
+                    f'v1 {{"$binary", "$type"}} needs a base64 string, got {_show(d["$binary"])}'
+                )
+            return _bin(d["$binary"], d["$type"])
+        if "$code" in d and "$scope" in d:
+            if type(d["$code"]) is str and type(d["$scope"]) is dict:
+                return orjson.dumps(d).decode()
+            raise InvalidBson('{"$code", "$scope"} needs a string and a document')
+        if "$regex" in d and "$options" in d:  # v1 regex, unless it is the query operator
+            if type(d["$regex"]) is str and type(d["$options"]) is str:
+                return orjson.dumps(d).decode()
+            return _PLAIN
+    for k in d:
+        if k in _WRAPPER_KEYS:
+            raise InvalidBson(f"{k} wrapper has unexpected keys: {_show(list(d))}")
+    return _PLAIN
+
+
+def _classify(d: dict) -> Any:
+    if len(d) == 1:
+        [(k, v)] = d.items()
+        handler = _SINGLE.get(k)
+        if handler is not None:
+            return handler(v, d)
+        return _dollar(d) if k[:1] == "$" else _PLAIN
+    for k in d:
+        if k[:1] == "$":
+            return _dollar(d)
+    return _PLAIN
+
+
+def _walk(root: dict | list, base: str) -> None:
+    """Replace every wrapper under `root` by its value, in place, without recursion."""
+    stack: list[Any] = [root]
+    push, pop, single = stack.append, stack.pop, _SINGLE.get
+    c: Any = root
+    k: Any = None
+    try:
+        while stack:
+            c = pop()
+            for k, v in c.items() if type(c) is dict else enumerate(c):
+                t = type(v)
+                if t is dict:
+                    if len(v) == 1:  # fast path: most wrappers have one key
+                        [(wk, wv)] = v.items()
+                        handler = single(wk)
+                        if handler is not None:
+                            c[k] = handler(wv, v)
+                            continue
+                    r = _classify(v)
+                    if r is _PLAIN:
+                        if v:
+                            push(v)
+                    else:
+                        c[k] = r
+                elif t is list and v:
+                    push(v)
+    except InvalidBson as e:
+        raise InvalidBson(e.problem, _join(base, [*_path_to(root, c), k])) from None
+
+
+def _path_to(root: Any, target: Any) -> list[Any]:
+    """Keys from `root` down to the container `target` (error path only)."""
+    stack: list[tuple[Any, list[Any]]] = [(root, [])]
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        for k, v in node.items() if type(node) is dict else enumerate(node):
+            if type(v) is dict or type(v) is list:
+                stack.append((v, [*path, k]))
+    return []
+
+
+def _join(base: str, keys: list[Any]) -> str:
+    out = base
+    for k in keys:
+        if type(k) is int:
+            out += f"[{k}]"
+        else:
+            out = f"{out}.{k}" if out else str(k)
+    return out
+
+
+def decode(value: Any, *, path: str = "") -> Any:
+    """Decode an orjson-parsed Extended JSON value into plain Python values.
+
+    Containers of `value` are reused and modified in place (pass a copy to keep
+    the original). `path` prefixes the field path in `InvalidBson` messages.
+    """
+    t = type(value)
+    if t is dict:
+        try:
+            r = _classify(value)
+        except InvalidBson as e:
+            raise InvalidBson(e.problem, path) from None
+        if r is not _PLAIN:
+            return r
+        if value:
+            _walk(value, path)
+    elif t is list and value:
+        _walk(value, path)
+    return value
+
+
+def loads(text: str | bytes, *, path: str = "") -> Any:
+    """Parse Extended JSON text. Raises orjson.JSONDecodeError (a ValueError) or InvalidBson."""
+    value = orjson.loads(text)
+    if type(value) is not dict and type(value) is not list:
+        return value
+    if isinstance(text, str):
+        maybe = '"$' in text or "\\u0024" in text
+    else:
+        raw = text if isinstance(text, bytes | bytearray) else bytes(text)
+        maybe = b'"$' in raw or b"\\u0024" in raw
+    return decode(value, path=path) if maybe else value
+
+
+def _id_default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return {"$date": o.isoformat()}
+    if isinstance(o, bytes | bytearray | memoryview):
+        return {"$binary": base64.b64encode(o).decode("ascii")}
+    if isinstance(o, BsonTimestamp):
+        return {"$timestamp": {"t": o.t, "i": o.i}}
+    raise TypeError(f"cannot render {type(o).__name__} in an _id")
+
+
+def id_text(value: Any) -> str:
+    """The decoded `_id` as text, for keying rows.
+
+    ObjectId (already its hex), str and Decimal128 (already str) are themselves,
+    integers are `str(n)`; integral doubles are written like the integer, because
+    MongoDB compares numbers by value, so `_id: 42` and `_id: 42.0` are the same
+    key in the collection. Anything else (documents, dates, binary, ...) is
+    compact JSON, with dates, binary and timestamps as `$date` / `$binary` /
+    `$timestamp` objects; document key order is kept because MongoDB's is
+    significant.
+
+    Caveat: the text loses the type, so distinct `_id`s can collide: int 42 and
+    string "42"; an ObjectId and the string of its hex; a UUID and its string;
+    a document `{"$date": ...}` and a date. Collections that mix `_id` types like
+    that would need a typed key.
+    """
+    t = type(value)
+    if t is str:
+        return value
+    if t is int:
+        return str(value)
+    if t is float:
+        if value.is_integer():
+            return str(int(value))
+        if value != value:
+            return "NaN"
+        if value in (float("inf"), float("-inf")):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    return orjson.dumps(value, default=_id_default, option=orjson.OPT_PASSTHROUGH_DATETIME).decode()

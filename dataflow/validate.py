@@ -1,0 +1,77 @@
+"""Checks on a decoded ChangeEvent that decoding alone does not make.
+
+`events.py` works out what a message says; these checks decide whether it can be
+keyed and stored as a row. A non-None result is the SCHEMA_VALIDATION_FAILED text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from dataflow.extjson import id_text
+from dataflow.model import ChangeEvent
+
+_OPS = frozenset({"insert", "update", "replace", "delete"})
+_BAD_DB_CHARS = frozenset('/\\. "$\x00')  # MongoDB refuses these in database names
+_MAX_SECONDS = 2**32 - 1  # ChangeEvent.seq packs seconds << 31 into an int64 (BSON t is uint32)
+
+
+def check_namespace(db: str, collection: str) -> str | None:
+    """Error text if `db` / `collection` cannot be MongoDB names (they become table paths)."""
+    if type(db) is not str or not db or not _BAD_DB_CHARS.isdisjoint(db):
+        return f"invalid database name {db!r}"
+    if type(collection) is not str or not collection or "\x00" in collection or "$" in collection:
+        return f"invalid collection name {collection!r}"
+    return None
+
+
+def check_field_names(names: Iterable[str]) -> str | None:
+    """Error text if a top-level field name is empty or holds NUL (they become columns)."""
+    for name in names:
+        if not name or "\x00" in name:
+            return f"invalid field name {name!r}"
+    return None
+
+
+def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
+    """Error text if `ev` cannot be applied, else None.
+
+    `key_id` is the `_id` text the message key (or change-stream documentKey)
+    carried, when it differs in origin from the one in `ev.doc`; they must agree.
+    """
+    if not ev.id:
+        return "empty _id"
+    if key_id is not None and key_id != ev.id:
+        return f"key _id {key_id!r} disagrees with document _id {ev.id!r}"
+    if ev.op not in _OPS:
+        return f"unknown op {ev.op!r}"
+    err = check_namespace(ev.db, ev.collection)
+    if err:
+        return err
+    if ev.ts_ms < 0 or ev.ts_ms // 1000 > _MAX_SECONDS:
+        return f"ts_ms {ev.ts_ms} cannot be sequenced (must be 0 <= seconds < 2**32)"
+    if not 0 <= ev.ord <= 0x7FFFFFFF:
+        return f"ord {ev.ord} is outside 0..2**31-1"
+    doc = ev.doc
+    if doc is not None:
+        if "_id" not in doc:
+            return "document has no _id"
+        if id_text(doc["_id"]) != ev.id:
+            return f"document _id {id_text(doc['_id'])!r} disagrees with event id {ev.id!r}"
+        return check_field_names(doc)
+    if ev.op == "delete":
+        return None
+    if ev.op != "update":
+        return f"{ev.op} without a document"
+    updated = ev.updated if ev.updated is not None else {}
+    removed = ev.removed
+    err = check_field_names(updated) or check_field_names(removed)
+    if err:
+        return err
+    if "_id" in removed:
+        return "partial update removes _id"
+    if "_id" in updated and id_text(updated["_id"]) != ev.id:
+        return "partial update changes _id"
+    if removed and not updated.keys().isdisjoint(removed):
+        return f"fields both set and removed: {sorted(updated.keys() & set(removed))}"
+    return None
