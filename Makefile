@@ -37,9 +37,10 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-## demo: run the pipeline on its bundled sample into ./data
+## demo: run the pipeline on its bundled sample (no services needed) into ./data
 demo: $(VENV)/.installed
-	$(PY) -m dataflow.demo
+	CDC_KAFKA_BROKERS= CDC_LAKE_URI=./data/lake CDC_DLQ_FALLBACK=./data/dlq/fallback.jsonl \
+	  $(PY) -m bytewax.run dataflow.main:flow
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ raises is resolved the same way: if the recorded versions now cover the batch,
 it landed. Retries live in `dataflow.resilience`, not here.
 
 merge mode keeps the collection's current state keyed by `_id`; a `_seq`
-column (cluster time << 32 | ordinal) guards every update and delete so that
+column (cluster seconds << 31 | ordinal) guards every update and delete so that
 a replayed or late event never overwrites newer state. append mode keeps one
 row per event with its source coordinates. Type decisions: `dataflow.arrow_convert`.
 """

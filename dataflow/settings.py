@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 TableMode = Literal["merge", "append", "both"]
 SAMPLE = Path(__file__).parent / "sample" / "changes.jsonl"
@@ -53,9 +54,10 @@ class Settings:
     def table_uri(self, db: str, collection: str, mode: str) -> str:
         """`<lake>/<db>/<collection>`; with `both`, the changelog lives under `_changelog/`."""
         base = self.lake_uri.rstrip("/")
+        path = f"{path_part(db)}/{path_part(collection)}"
         if self.table_mode == "both" and mode == "append":
-            return f"{base}/_changelog/{db}/{collection}"
-        return f"{base}/{db}/{collection}"
+            return f"{base}/_changelog/{path}"
+        return f"{base}/{path}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +129,16 @@ class Settings:
         if errors:
             raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(errors))
         return settings
+
+
+def path_part(name: str) -> str:
+    """A database or collection name as one safe path segment.
+
+    MongoDB allows `/` and even `..` in collection names; those must not
+    escape the lake or land two collections in one table.
+    """
+    quoted = quote(name, safe="")
+    return quoted.replace(".", "%2E") if set(quoted) <= {"."} else quoted
 
 
 def s3_storage_options(env: Mapping[str, str]) -> dict[str, str]:

@@ -128,11 +128,13 @@ class Kafka:
         props = self._write_config()
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run(
+            fmt = subprocess.run(
                 self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
-                check=True,
-                stdout=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
             )
+            if fmt.returncode != 0:
+                raise RuntimeError(f"formatting the Kafka log directory failed:\n{fmt.stdout}{fmt.stderr}")
         proc = spawn(self._java("kafka.Kafka", str(props)), log=self.data_dir / "stdout.log")
         self.pid = proc.pid
         wait_until(self.ready, timeout=timeout, what="Kafka", proc=proc, log=self.log)

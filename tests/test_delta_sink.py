@@ -493,7 +493,7 @@ def test_append_mode_changelog_columns(writer, lake_uri, storage_options):
         (None, None, None),
     ]
     assert got[0]["_ts"] == datetime.fromtimestamp((BASE_MS + 10_000) / 1000, UTC)
-    assert got[0]["_seq"] == ((BASE_MS + 10_000) // 1000) << 32 | 2
+    assert got[0]["_seq"] == ((BASE_MS + 10_000) // 1000) << 31 | 2
     types = {f.name: f.type for f in pa.schema(table(lake_uri, storage_options).schema().to_arrow())}
     assert types["_removed"] == pa.list_(pa.string())
     assert types["_source_partition"] == types["_source_offset"] == pa.int64()

@@ -26,9 +26,7 @@ def produce(bootstrap: str, topic: str, n: int) -> None:
 
 
 def consume_all(bootstrap: str, topic: str, expected: int) -> list[bytes]:
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"}
-    )
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
     values: list[bytes] = []
     try:

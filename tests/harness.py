@@ -1,0 +1,129 @@
+"""Running the real pipeline as a separate process, and an independent model to check it against."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from deltalake import DeltaTable
+
+from dataflow.generate import Change, Message, ObjectId
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    env.update({"CDC_STOP_AT_END": "1", "CDC_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
+    env.update(overrides)
+    return env
+
+
+def run_pipeline(
+    env: dict[str, str], *, timeout: float = 600, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`python -m bytewax.run dataflow.main:flow` to completion; fails the test on a non-zero exit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bytewax.run", "dataflow.main:flow", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"pipeline exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+class Model:
+    """The collections' expected state, computed from the generator's logical changes alone."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[str, dict[str, Any]]] = {}
+        self.events: dict[str, int] = {}
+
+    def apply(self, messages: list[Message]) -> None:
+        for m in messages:
+            if m.change is not None:
+                self._apply(m.change)
+
+    def _apply(self, c: Change) -> None:
+        table = self.tables.setdefault(c.collection, {})
+        self.events[c.collection] = self.events.get(c.collection, 0) + 1
+        if c.op == "delete":
+            table.pop(c.id, None)
+        elif c.op == "partial":
+            doc = {k: v for k, v in table.get(c.id, {"_id": ObjectId(c.id)}).items() if k not in c.removed}
+            table[c.id] = doc | c.updated
+        else:
+            table[c.id] = dict(c.doc)
+
+
+def plain(value: Any) -> Any:
+    """Model values as JSON would carry them, for comparing with JSON-text columns."""
+    if isinstance(value, ObjectId):
+        return value.hex
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    return value
+
+
+def same(stored: Any, expected: Any) -> bool:
+    """Does a stored Delta value equal the model's value under the documented type mapping?"""
+    expected = plain(expected)
+    if stored is None or expected is None:
+        return stored is None and expected is None
+    if isinstance(stored, bool) or isinstance(expected, bool):
+        return stored is expected
+    if isinstance(expected, float) and math.isnan(expected):
+        return isinstance(stored, float) and math.isnan(stored)
+    if isinstance(expected, datetime) and isinstance(stored, datetime):
+        return stored.astimezone(UTC) == expected
+    return stored == expected
+
+
+def table_rows(uri: str, storage_options: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    return DeltaTable(uri, storage_options=storage_options).to_pyarrow_table().to_pylist()
+
+
+def assert_table_matches(uri: str, expected: dict[str, dict[str, Any]], storage_options=None) -> int:
+    """Every row equals the model's document, column by column; no row missing or extra."""
+    table = DeltaTable(uri, storage_options=storage_options)
+    json_columns = {f.name for f in table.schema().fields if (f.metadata or {}).get("cdc.kind") == "json"}
+    rows = table.to_pyarrow_table().to_pylist()
+    by_id = {r["_id"]: r for r in rows}
+    assert len(by_id) == len(rows), f"{uri}: duplicate _id rows"
+    assert set(by_id) == set(expected), (
+        f"{uri}: {len(set(expected) - set(by_id))} rows missing, {len(set(by_id) - set(expected))} extra"
+    )
+    mismatches = []
+    for _id, doc in expected.items():
+        row = by_id[_id]
+        for col, stored in row.items():
+            if col.startswith("_") and col != "_id" or col.endswith("__json"):
+                continue  # pipeline metadata (_seq, _op, _ts, ...) and drift companions
+            if col in json_columns and stored is not None:
+                stored = orjson.loads(stored)  # a JSON-text column: nested values, or a drifting field
+            elif stored is None and row.get(f"{col}__json") is not None:
+                stored = orjson.loads(row[f"{col}__json"])  # a value that did not fit the column's type
+            want = ObjectId(_id).hex if col == "_id" else doc.get(col)
+            if not same(stored, want):
+                mismatches.append((_id, col, stored, plain(want)))
+        missing_cols = set(doc) - set(row)
+        if missing_cols:
+            mismatches.append((_id, "missing columns", sorted(missing_cols), None))
+    assert not mismatches, f"{uri}: {len(mismatches)} mismatches, first: {mismatches[:5]}"
+    return len(rows)
