@@ -19,7 +19,7 @@ from dataflow.batching import Batch
 from dataflow.delta_sink import DeltaTableWriter
 from dataflow.dlq import DLQWriter
 from dataflow.model import ChangeEvent, DeadLetter, Reason
-from dataflow.resilience import Backoff, RetriesExhausted, is_retryable, retry
+from dataflow.resilience import Backoff, is_retryable, retry
 from dataflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class LakeWriter:
     def _commit(
         self, writer: DeltaTableWriter, events: list[ChangeEvent], stats: TableStats, mode: str
     ) -> None:
+        log.info("commit begin %s: %d events", writer.uri, len(events))
         try:
             # Storage outages are retried for as long as they last: dropping or
             # dead-lettering a batch because S3 is down would lose data.
@@ -76,13 +77,18 @@ class LakeWriter:
                 max_attempts=None,
                 what=f"commit to {writer.uri}",
             )
-        except RetriesExhausted:  # pragma: no cover - unbounded retries do not exhaust
-            raise
         except Exception as exc:
             if is_retryable(exc):
                 raise
             self._split(writer, events, stats, mode, exc)
             return
+        log.info(
+            "commit end %s: version %s, %d rows, %d skipped",
+            writer.uri,
+            result.version,
+            result.rows_written,
+            result.skipped,
+        )
         stats.commits += 1
         if mode == self.settings.table_modes[0]:
             stats.written += result.rows_written

@@ -10,13 +10,15 @@ import logging
 import os
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaSource
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
+from dataflow import recovery, shutdown
 from dataflow.batching import BatchLimits, batch_by_table
 from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
-from dataflow.kafka_admin import match_topics
+from dataflow.kafka_admin import match_topics, partitions_of
+from dataflow.kafka_source import ResumingKafkaSource
+from dataflow.lake_offsets import committed_offsets
 from dataflow.lake_sink import LakeSink
 from dataflow.parse_step import parse_events
 from dataflow.sample_source import SampleFileSource
@@ -25,10 +27,10 @@ from dataflow.settings import Settings, SettingsError
 log = logging.getLogger("dataflow")
 
 
-def source_for(settings: Settings) -> Source:
-    """The bundled sample without a broker; otherwise every partition of the chosen topics."""
+def topic_partitions(settings: Settings) -> dict[str, int]:
+    """The topics this pipeline reads, with their partition counts."""
     if settings.embedded:
-        return SampleFileSource(settings.sample_path)
+        return dict.fromkeys(SampleFileSource(settings.sample_path).list_parts(), 1)
     topics = list(settings.topics)
     if settings.topic_pattern:
         topics = match_topics(settings.brokers, settings.topic_pattern, **settings.kafka_config)
@@ -36,13 +38,23 @@ def source_for(settings: Settings) -> Source:
             raise SettingsError(
                 f"no topic on {settings.brokers} matches CDC_TOPIC_PATTERN={settings.topic_pattern!r}"
             )
-    return KafkaSource(
+    return partitions_of(settings.brokers, topics, **settings.kafka_config)
+
+
+def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
+    """The bundled sample without a broker; otherwise every partition of the chosen topics."""
+    if settings.embedded:
+        return SampleFileSource(settings.sample_path)
+    return ResumingKafkaSource(
         settings.brokers.split(","),
-        topics,
+        list(partitions),
         tail=not settings.stop_at_end,
         add_config=settings.kafka_config,
         batch_size=5000,
         raise_on_errors=False,
+        committed=lambda: committed_offsets(
+            settings.lake_uri, settings.pipeline_name, partitions, settings.storage_options or None
+        ),
     )
 
 
@@ -55,9 +67,9 @@ def dlq_config(settings: Settings) -> DLQConfig:
     )
 
 
-def build_flow(settings: Settings) -> Dataflow:
+def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
     flow = Dataflow("mongo_delta_cdc")
-    messages = op.input("read", flow, source_for(settings))
+    messages = op.input("read", flow, source_for(settings, partitions))
     parsed = parse_events("parse", messages, max_bytes=settings.max_document_bytes)
     op.output("dead_letters", parsed.dead, DLQSink(dlq_config(settings)))
     limits = BatchLimits(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_seconds)
@@ -73,5 +85,27 @@ def _configure_logging() -> None:
     )
 
 
-_configure_logging()
-flow = build_flow(Settings.from_env())
+def prepare_recovery(settings: Settings, partitions: dict[str, int]) -> None:
+    """Process 0 creates or checks the store; the others wait until it is ready."""
+    if settings.recovery_dir is None:
+        return
+    fingerprint = {"pipeline": settings.pipeline_name, "topics": partitions}
+    if int(os.environ.get("BYTEWAX_PROCESS_ID", "0") or 0) == 0:
+        recovery.prepare(
+            settings.recovery_dir, partitions=settings.recovery_partitions, fingerprint=fingerprint
+        )
+    else:
+        recovery.wait_ready(settings.recovery_dir, timeout=120)
+
+
+def main() -> Dataflow:
+    """Build the flow from the environment (this runs on import, as `bytewax.run` expects)."""
+    _configure_logging()
+    settings = Settings.from_env()
+    shutdown.install(settings.shutdown_grace_seconds)
+    partitions = topic_partitions(settings)
+    prepare_recovery(settings, partitions)
+    return build_flow(settings, partitions)
+
+
+flow = main()

@@ -16,6 +16,8 @@ import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from dataflow.shutdown import Stoppable
+
 
 def _field(line: dict, name: str) -> bytes | None:
     if line.get(f"{name}_b64") is not None:
@@ -72,6 +74,6 @@ class SampleFileSource(FixedPartitionedSource[KafkaSourceMessage, int]):
     def list_parts(self) -> list[str]:
         return sorted(read_messages(self.path))
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _TopicPartition:
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> Stoppable:
         messages = read_messages(self.path)[for_part]
-        return _TopicPartition(for_part, messages, resume_state or 0, self.batch_size)
+        return Stoppable(_TopicPartition(for_part, messages, resume_state or 0, self.batch_size))

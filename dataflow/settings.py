@@ -39,6 +39,11 @@ class Settings:
     stop_at_end: bool
     pipeline_name: str
     sample_path: str
+    recovery_dir: str | None = "./data/recovery"
+    recovery_partitions: int = 16
+    snapshot_seconds: float = 5.0
+    backup_seconds: float = 0.0
+    shutdown_grace_seconds: float = 60.0
     kafka_config: dict[str, str] = field(default_factory=dict)
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -123,6 +128,13 @@ class Settings:
             stop_at_end=env.get("CDC_STOP_AT_END", "0").lower() in ("1", "true", "yes") or brokers is None,
             pipeline_name=env.get("CDC_PIPELINE_NAME") or "cdc",
             sample_path=env.get("CDC_SAMPLE_PATH") or str(SAMPLE),
+            recovery_dir=None
+            if env.get("CDC_RECOVERY_DIR", "").lower() in ("off", "none")
+            else env.get("CDC_RECOVERY_DIR") or "./data/recovery",
+            recovery_partitions=int(num("CDC_RECOVERY_PARTITIONS", 16)),
+            snapshot_seconds=float(num("CDC_SNAPSHOT_SECONDS", 5.0, float, 0.1)),
+            backup_seconds=float(num("CDC_BACKUP_SECONDS", 0.0, float, 0)),
+            shutdown_grace_seconds=float(num("CDC_SHUTDOWN_GRACE_SECONDS", 60.0, float, 1)),
             kafka_config=kafka_client_config(env),
             storage_options=storage,
         )

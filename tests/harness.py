@@ -127,3 +127,45 @@ def assert_table_matches(uri: str, expected: dict[str, dict[str, Any]], storage_
             mismatches.append((_id, "missing columns", sorted(missing_cols), None))
     assert not mismatches, f"{uri}: {len(mismatches)} mismatches, first: {mismatches[:5]}"
     return len(rows)
+
+
+class PipelineProcess:
+    """`python -m dataflow` in the background, its output watched line by line for markers."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        import threading
+
+        self.log = log
+        self.lines: list[str] = []
+        self.commit_begun = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dataflow"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with open(self.log, "a") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                self.lines.append(line)
+                if "commit begin" in line:
+                    self.commit_begun.set()
+
+    def kill(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return rc
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.lines[-n:])
