@@ -15,6 +15,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from dataflow.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
 from dataflow.model import ChangeEvent
 
 
@@ -47,6 +48,9 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, Batch]):
         if not self.open.events:
             return []
         full, self.open = self.open, Batch(self.open.table)
+        BATCH_ROWS.labels(full.table).observe(len(full.events))
+        BATCH_BYTES.labels(full.table).observe(full.nbytes)
+        BATCH_AGE.labels(full.table).observe(max(0.0, self.clock() - full.opened_at))
         return [full]
 
     def on_batch(self, values: list[ChangeEvent]) -> tuple[list[Batch], bool]:

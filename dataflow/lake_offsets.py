@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 from deltalake import DeltaTable
 
+from dataflow.storage import s3_client
+
 log = logging.getLogger(__name__)
 
 
@@ -27,18 +29,8 @@ def list_tables(lake_uri: str, storage_options: dict[str, str] | None = None) ->
 
 
 def _list_s3(lake_uri: str, storage_options: dict[str, str]) -> list[str]:
-    from minio import Minio
-
     url = urlparse(lake_uri)
-    endpoint = urlparse(storage_options.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com"))
-    client = Minio(
-        endpoint.netloc,
-        access_key=storage_options.get("AWS_ACCESS_KEY_ID"),
-        secret_key=storage_options.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=storage_options.get("AWS_SESSION_TOKEN"),
-        region=storage_options.get("AWS_REGION"),
-        secure=endpoint.scheme == "https",
-    )
+    client = s3_client(storage_options, timeout=30)
     bucket, base = url.netloc, url.path.strip("/")
     base = f"{base}/" if base else ""
 

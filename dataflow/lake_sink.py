@@ -9,18 +9,32 @@ fault are found, and only those are dead-lettered.
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflow.batching import Batch
-from dataflow.delta_sink import DeltaTableWriter
+from dataflow.delta_sink import DeltaTableWriter, WriteResult
 from dataflow.dlq import DLQWriter
+from dataflow.metrics import (
+    CHECKPOINT_DURATION,
+    CHECKPOINT_FAILURES,
+    CHECKPOINT_LAG,
+    CHECKPOINTS_COMMITTED,
+    COMMIT_DURATION,
+    COMMITS,
+    END_TO_END_LAG,
+    EVENTS_OUT,
+)
 from dataflow.model import ChangeEvent, DeadLetter, Reason
-from dataflow.resilience import Backoff, is_retryable, retry
+from dataflow.resilience import Backoff, RetriesExhausted, StorageBreaker, retry
 from dataflow.settings import Settings
+from dataflow.storage import health_probe
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +50,30 @@ class TableStats:
 
 
 class LakeWriter:
-    """Commits batches for any number of tables; owns retries and the split-on-bad-data logic."""
+    """Commits batches for any number of tables; owns retries, the breaker and the split-on-bad-data logic."""
 
-    def __init__(self, settings: Settings, dlq: DLQWriter, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dlq: DLQWriter,
+        *,
+        breaker: StorageBreaker | None = None,
+        offsets: Callable[[], dict[tuple[str, int], int]] | None = None,
+    ) -> None:
         self.settings = settings
         self.dlq = dlq
-        self.backoff = backoff or Backoff()
+        self.backoff = Backoff(initial=settings.retry_initial_seconds, cap=settings.retry_max_seconds)
+        self.breaker = breaker or StorageBreaker(
+            "storage",
+            probe=health_probe(settings.lake_uri, settings.storage_options or None),
+            failure_threshold=settings.breaker_failures,
+            recovery_timeout=settings.breaker_reset_seconds,
+        )
         self.writers: dict[tuple[str, str], DeltaTableWriter] = {}
         self.stats: dict[str, TableStats] = defaultdict(TableStats)
+        self.committed: dict[tuple[str, int], int] = {}
+        self.end_offsets = offsets
+        self.next_lag_check = 0.0
 
     def writer(self, ev: ChangeEvent, mode: str) -> DeltaTableWriter:
         key = (ev.table, mode)
@@ -62,26 +92,53 @@ class LakeWriter:
         stats = self.stats[batch.table]
         stats.events += len(batch.events)
         for mode in self.settings.table_modes:
-            self._commit(self.writer(batch.events[0], mode), batch.events, stats, mode)
+            self._commit(
+                self.writer(batch.events[0], mode),
+                batch.events,
+                stats,
+                mode,
+                primary=mode == self.settings.table_modes[0],
+            )
+        self._export_lag()
+
+    def _attempt(self, writer: DeltaTableWriter, events: list[ChangeEvent], table: str) -> WriteResult:
+        try:
+            return self.breaker.call(writer.write, events)
+        except Exception:
+            CHECKPOINT_FAILURES.labels(table).inc()
+            raise
 
     def _commit(
-        self, writer: DeltaTableWriter, events: list[ChangeEvent], stats: TableStats, mode: str
+        self, writer: DeltaTableWriter, events: list[ChangeEvent], stats: TableStats, mode: str, primary: bool
     ) -> None:
+        table = events[0].table
         log.info("commit begin %s: %d events", writer.uri, len(events))
+        started = time.monotonic()
         try:
-            # Storage outages are retried for as long as they last: dropping or
-            # dead-lettering a batch because S3 is down would lose data.
+            # Outages are waited out for as long as they last (the breaker keeps us
+            # from hammering storage meanwhile): dropping or dead-lettering a batch
+            # because S3 is down would lose data. Other retryable errors get a budget.
             result = retry(
-                lambda: writer.write(events),
+                lambda: self._attempt(writer, events, table),
                 backoff=self.backoff,
-                max_attempts=None,
-                what=f"commit to {writer.uri}",
+                max_attempts=self.settings.retry_max_attempts,
+                wait_out_outages=True,
+                operation="delta_commit",
             )
-        except Exception as exc:
-            if is_retryable(exc):
-                raise
-            self._split(writer, events, stats, mode, exc)
+        except RetriesExhausted as e:
+            log.error(
+                "giving up on %d events for %s after %d attempts: %s",
+                len(events),
+                writer.uri,
+                e.attempts,
+                e.last,
+            )
+            self._dead_letter(events, Reason.MAX_RETRIES_EXCEEDED, e.last, mode, stats, e.attempts)
             return
+        except Exception as exc:  # permanent: the data is at fault, find which events
+            self._split(writer, events, stats, mode, exc, primary)
+            return
+        elapsed = time.monotonic() - started
         log.info(
             "commit end %s: version %s, %d rows, %d skipped",
             writer.uri,
@@ -89,26 +146,96 @@ class LakeWriter:
             result.rows_written,
             result.skipped,
         )
-        stats.commits += 1
-        if mode == self.settings.table_modes[0]:
-            stats.written += result.rows_written
-            stats.skipped += result.skipped
-        stats.version = result.version
+        self._record(result, events, stats, mode, primary, elapsed)
 
-    def _split(self, writer, events: list[ChangeEvent], stats: TableStats, mode: str, exc: Exception) -> None:
-        """Halve a refused batch, in order, until the refused events are alone; dead-letter those."""
+    def _record(
+        self,
+        result: WriteResult,
+        events: list[ChangeEvent],
+        stats: TableStats,
+        mode: str,
+        primary: bool,
+        elapsed: float,
+    ) -> None:
+        table = events[0].table
+        COMMIT_DURATION.labels(table, mode).observe(elapsed)
+        CHECKPOINT_DURATION.labels(table).observe(elapsed)
+        if result.committed:
+            COMMITS.labels(table, mode).inc()
+            stats.commits += 1
+        stats.version = result.version
+        if not primary:
+            return
+        stats.written += result.rows_written
+        stats.skipped += result.skipped
+        for (topic, partition), offset in result.offsets.items():
+            if offset > self.committed.get((topic, partition), -1):
+                self.committed[(topic, partition)] = offset
+                CHECKPOINTS_COMMITTED.labels(topic, str(partition)).inc()
+        ops = collections.Counter(e.op for e in events)
+        for op_name, n in ops.items():
+            EVENTS_OUT.labels(table, op_name).inc(n)
+        oldest = min(e.ts_ms for e in events)
+        END_TO_END_LAG.labels(table).observe(max(0.0, time.time() - oldest / 1000))
+
+    def _split(
+        self,
+        writer: DeltaTableWriter,
+        events: list[ChangeEvent],
+        stats: TableStats,
+        mode: str,
+        exc: Exception,
+        primary: bool,
+    ) -> None:
+        """Halve a refused batch, in order, until the refused events are alone; dead-letter those.
+
+        In order, because each commit records its highest offset per partition:
+        committing a later half first would make the sink skip the earlier one.
+        """
         if len(events) == 1:
             ev = events[0]
-            log.error("Delta refused %s offset %s:%s: %s", ev.table, ev.topic, ev.offset, exc)
-            stats.dead_lettered += 1
-            self.dlq.write([dead_letter_for(ev, Reason.DELTA_WRITE_ERROR, exc, mode)])
+            reason = (
+                Reason.SCHEMA_VALIDATION_FAILED
+                if "Schema" in type(exc).__name__
+                else Reason.DELTA_WRITE_ERROR
+            )
+            log.error("Delta refused %s %s:%s@%s: %s", ev.table, ev.topic, ev.partition, ev.offset, exc)
+            self._dead_letter(events, reason, exc, mode, stats, 0)
             return
         mid = len(events) // 2
         for half in (events[:mid], events[mid:]):
-            self._commit(writer, half, stats, mode)
+            self._commit(writer, half, stats, mode, primary)
+
+    def _dead_letter(
+        self,
+        events: list[ChangeEvent],
+        reason: Reason,
+        exc: BaseException,
+        mode: str,
+        stats: TableStats,
+        attempts: int,
+    ) -> None:
+        stats.dead_lettered += len(events)
+        self.dlq.write([dead_letter_for(ev, reason, exc, mode, attempts) for ev in events])
+
+    def _export_lag(self) -> None:
+        """`checkpoint_lag_offsets`: how far the recorded offsets trail the partitions' ends."""
+        if self.end_offsets is None or time.monotonic() < self.next_lag_check:
+            return
+        self.next_lag_check = time.monotonic() + 30
+        try:
+            ends = self.end_offsets()
+        except Exception as e:  # metrics must never stop the pipeline
+            log.warning("could not read end offsets for checkpoint_lag_offsets: %s", e)
+            return
+        for (topic, partition), committed in self.committed.items():
+            if (end := ends.get((topic, partition))) is not None:
+                CHECKPOINT_LAG.labels(topic, str(partition)).set(max(0, end - 1 - committed))
 
 
-def dead_letter_for(ev: ChangeEvent, reason: Reason, exc: BaseException, mode: str) -> DeadLetter:
+def dead_letter_for(
+    ev: ChangeEvent, reason: Reason, exc: BaseException, mode: str, attempts: int = 0
+) -> DeadLetter:
     """A dead letter for an event that decoded fine but could not be written."""
     return DeadLetter(
         reason=reason,
@@ -118,6 +245,7 @@ def dead_letter_for(ev: ChangeEvent, reason: Reason, exc: BaseException, mode: s
         topic=ev.topic,
         partition=ev.partition,
         offset=ev.offset,
+        retry_count=attempts,
         metadata={"table": ev.table, "mode": mode, "id": ev.id, "op": ev.op},
     )
 
@@ -143,9 +271,15 @@ class _LakePartition(StatelessSinkPartition[Batch]):
 class LakeSink(DynamicSink[Batch]):
     """Bytewax sink: closed batches in, Delta commits out."""
 
-    def __init__(self, settings: Settings, dlq_factory) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dlq_factory: Callable[[], DLQWriter],
+        end_offsets: Callable[[], dict[tuple[str, int], int]] | None = None,
+    ) -> None:
         self.settings = settings
         self.dlq_factory = dlq_factory
+        self.end_offsets = end_offsets
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _LakePartition:
-        return _LakePartition(LakeWriter(self.settings, self.dlq_factory()))
+        return _LakePartition(LakeWriter(self.settings, self.dlq_factory(), offsets=self.end_offsets))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -16,7 +17,7 @@ from bytewax.inputs import Source
 from dataflow import recovery, shutdown
 from dataflow.batching import BatchLimits, batch_by_table
 from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
-from dataflow.kafka_admin import match_topics, partitions_of
+from dataflow.kafka_admin import end_offsets, match_topics, partitions_of
 from dataflow.kafka_source import ResumingKafkaSource
 from dataflow.lake_offsets import committed_offsets
 from dataflow.lake_sink import LakeSink
@@ -52,8 +53,12 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         add_config=settings.kafka_config,
         batch_size=5000,
         raise_on_errors=False,
-        committed=lambda: committed_offsets(
-            settings.lake_uri, settings.pipeline_name, partitions, settings.storage_options or None
+        committed=lambda: (
+            {}
+            if settings.start_from == "beginning"
+            else committed_offsets(
+                settings.lake_uri, settings.pipeline_name, partitions, settings.storage_options or None
+            )
         ),
     )
 
@@ -74,7 +79,10 @@ def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
     op.output("dead_letters", parsed.dead, DLQSink(dlq_config(settings)))
     limits = BatchLimits(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_seconds)
     batches = batch_by_table("batch", parsed.events, limits=limits)
-    op.output("delta", batches, LakeSink(settings, lambda: DLQWriter(dlq_config(settings))))
+    ends = None
+    if not settings.embedded:
+        ends = lambda: end_offsets(settings.brokers, list(partitions), **settings.kafka_config)  # noqa: E731
+    op.output("delta", batches, LakeSink(settings, lambda: DLQWriter(dlq_config(settings)), ends))
     return flow
 
 
@@ -85,17 +93,31 @@ def _configure_logging() -> None:
     )
 
 
+def _bytewax_option(short: str, long: str, env: str) -> str | None:
+    """An option as `bytewax.run` will see it: from its command line, else its environment variable."""
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg in (short, long) and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"{long}="):
+            return arg.split("=", 1)[1]
+    return os.environ.get(env) or None
+
+
 def prepare_recovery(settings: Settings, partitions: dict[str, int]) -> None:
-    """Process 0 creates or checks the store; the others wait until it is ready."""
-    if settings.recovery_dir is None:
+    """Create or check the store `bytewax.run` was given (`python -m dataflow` gives it one).
+
+    Process 0 prepares a shared store; the others wait until it is ready.
+    """
+    directory = _bytewax_option("-r", "--recovery-directory", "BYTEWAX_RECOVERY_DIRECTORY")
+    if directory is None:
         return
     fingerprint = {"pipeline": settings.pipeline_name, "topics": partitions}
-    if int(os.environ.get("BYTEWAX_PROCESS_ID", "0") or 0) == 0:
-        recovery.prepare(
-            settings.recovery_dir, partitions=settings.recovery_partitions, fingerprint=fingerprint
-        )
+    process_id = _bytewax_option("-i", "--process-id", "BYTEWAX_PROCESS_ID")
+    if int(process_id or 0) == 0:
+        recovery.prepare(directory, partitions=settings.recovery_partitions, fingerprint=fingerprint)
     else:
-        recovery.wait_ready(settings.recovery_dir, timeout=120)
+        recovery.wait_ready(directory, timeout=120)
 
 
 def main() -> Dataflow:

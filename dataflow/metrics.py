@@ -2,14 +2,93 @@
 
 Bytewax serves the default registry on its `/metrics` endpoint when
 `BYTEWAX_DATAFLOW_API_ENABLED` is set, so our metrics appear beside its own.
+Names are the contract with `monitoring/` (alert rules, dashboard): change
+them together.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
+_SIZE_BUCKETS = (10, 100, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000)
+_BYTES_BUCKETS = tuple(2**i for i in range(10, 30, 2))
+_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# Input and parsing
 EVENTS_IN = Counter("cdc_events_in_total", "Messages read from Kafka, by topic", ["topic"])
 TOMBSTONES = Counter("cdc_tombstones_total", "Delete tombstones (null values) skipped, by topic", ["topic"])
+EVENTS_PARSED = Counter("cdc_events_parsed_total", "Change events decoded, by table and op", ["table", "op"])
+EVENTS_OUT = Counter(
+    "cdc_events_out_total", "Change events committed to Delta, by table and op", ["table", "op"]
+)
+
+# Batching
+BATCH_ROWS = Histogram("cdc_batch_rows", "Events in a closed batch", ["table"], buckets=_SIZE_BUCKETS)
+BATCH_BYTES = Histogram(
+    "cdc_batch_bytes", "Message bytes in a closed batch", ["table"], buckets=_BYTES_BUCKETS
+)
+BATCH_AGE = Histogram(
+    "cdc_batch_age_seconds",
+    "Time from a batch's first event to its close",
+    ["table"],
+    buckets=_SECONDS_BUCKETS,
+)
+
+# Delta commits
+COMMIT_DURATION = Histogram(
+    "cdc_delta_commit_duration_seconds",
+    "Delta commit time, retries included",
+    ["table", "mode"],
+    buckets=_SECONDS_BUCKETS,
+)
+COMMITS = Counter("cdc_delta_commits_total", "Delta commits, by table and mode", ["table", "mode"])
+END_TO_END_LAG = Histogram(
+    "cdc_end_to_end_lag_seconds",
+    "Event cluster time to its Delta commit",
+    ["table"],
+    buckets=_SECONDS_BUCKETS,
+)
+
+# Checkpoints: the offsets recorded in Delta txn actions
+CHECKPOINTS_COMMITTED = Counter(
+    "checkpoints_committed_total",
+    "Commits that advanced a partition's recorded offset",
+    ["topic", "partition"],
+)
+CHECKPOINT_LAG = Gauge(
+    "checkpoint_lag_offsets",
+    "Partition end offset minus the offset recorded in Delta",
+    ["topic", "partition"],
+)
+CHECKPOINT_FAILURES = Counter(
+    "checkpoint_failures_total", "Commits that failed (before any retry succeeded)", ["table"]
+)
+CHECKPOINT_DURATION = Histogram(
+    "checkpoint_duration_seconds",
+    "Time to commit a batch's offsets with its rows",
+    ["table"],
+    buckets=_SECONDS_BUCKETS,
+)
+
+# Retries
+RETRY_ATTEMPTS = Counter("retry_attempts_total", "Retried attempts, by operation", ["operation"])
+RETRY_SUCCESS = Counter(
+    "retry_success_total", "Operations that succeeded after at least one retry", ["operation"]
+)
+RETRY_EXHAUSTED = Counter("retry_exhausted_total", "Operations that ran out of retries", ["operation"])
+RETRY_DURATION = Histogram(
+    "retry_duration_seconds",
+    "Time from first failure to success or giving up",
+    ["operation"],
+    buckets=_SECONDS_BUCKETS,
+)
+
+# Circuit breaker around storage
+BREAKER_STATE = Gauge("circuit_breaker_state", "0 closed, 1 open, 2 half-open", ["name"])
+BREAKER_FAILURES = Gauge("circuit_breaker_failures", "Consecutive failures counted by the breaker", ["name"])
+BREAKER_OPENS = Counter("circuit_breaker_opens_total", "Times the breaker opened", ["name"])
+
+# Dead letters
 DLQ_EVENTS = Counter("dlq_events_total", "Messages dead-lettered, by reason", ["reason"])
 DLQ_WRITE_FAILURES = Counter(
     "dlq_write_failures_total", "Dead letters the DLQ topic did not confirm (sent to the fallback file)"

@@ -15,7 +15,7 @@ from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.dataflow import Stream, operator
 
 from dataflow.events import parse
-from dataflow.metrics import EVENTS_IN, TOMBSTONES
+from dataflow.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
 from dataflow.model import ChangeEvent, DeadLetter
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _parse_one(msg: KafkaSourceMessage | KafkaError, max_bytes: int) -> ChangeEv
     if result is None:
         TOMBSTONES.labels(msg.topic).inc()
     elif isinstance(result, ChangeEvent):
-        result.raw_key, result.raw_value = msg.key, msg.value
+        EVENTS_PARSED.labels(result.table, result.op).inc()
     return result
 
 

@@ -44,6 +44,12 @@ class Settings:
     snapshot_seconds: float = 5.0
     backup_seconds: float = 0.0
     shutdown_grace_seconds: float = 60.0
+    start_from: str = "delta"
+    retry_max_attempts: int = 8
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    breaker_failures: int = 5
+    breaker_reset_seconds: float = 60.0
     kafka_config: dict[str, str] = field(default_factory=dict)
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -99,6 +105,10 @@ class Settings:
         if mode not in ("merge", "append", "both"):
             errors.append(f"CDC_TABLE_MODE={mode!r} must be merge, append or both")
 
+        start_from = env.get("CDC_START_FROM", "delta")
+        if start_from not in ("delta", "beginning"):
+            errors.append(f"CDC_START_FROM={start_from!r} must be delta or beginning")
+
         lake = env.get("CDC_LAKE_URI") or "./data/lake"
         if "://" in lake and not lake.startswith(("s3://", "s3a://", "file://")):
             errors.append(f"CDC_LAKE_URI={lake!r}: use a local path or s3://bucket/prefix")
@@ -135,6 +145,12 @@ class Settings:
             snapshot_seconds=float(num("CDC_SNAPSHOT_SECONDS", 5.0, float, 0.1)),
             backup_seconds=float(num("CDC_BACKUP_SECONDS", 0.0, float, 0)),
             shutdown_grace_seconds=float(num("CDC_SHUTDOWN_GRACE_SECONDS", 60.0, float, 1)),
+            start_from=start_from,
+            retry_max_attempts=int(num("CDC_RETRY_MAX_ATTEMPTS", 8)),
+            retry_initial_seconds=float(num("CDC_RETRY_INITIAL_SECONDS", 0.5, float, 0.001)),
+            retry_max_seconds=float(num("CDC_RETRY_MAX_SECONDS", 30.0, float, 0.001)),
+            breaker_failures=int(num("CDC_BREAKER_FAILURES", 5)),
+            breaker_reset_seconds=float(num("CDC_BREAKER_RESET_SECONDS", 60.0, float, 0.1)),
             kafka_config=kafka_client_config(env),
             storage_options=storage,
         )
@@ -169,6 +185,10 @@ def s3_storage_options(env: Mapping[str, str]) -> dict[str, str]:
         opts.setdefault("AWS_ALLOW_HTTP", "true")
     # S3-compatible stores (MinIO) want path-style addressing.
     opts.setdefault("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false")
+    # Bound the object store's own retries, so an outage reaches our breaker in seconds.
+    opts.setdefault("connect_timeout", "5s")
+    opts.setdefault("timeout", "120s")
+    opts.setdefault("retry_timeout", "30s")
     return opts
 
 

@@ -1,12 +1,24 @@
-"""Backoff bounds and jitter, error classification, and the retry loop, on a clock the test controls."""
+"""Backoff bounds and jitter, error classes, the retry loop and the breaker, on a clock the test controls."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
+from circuitbreaker import CircuitBreakerError
+from deltalake.exceptions import CommitFailedError, SchemaMismatchError
 
-from dataflow.resilience import Backoff, PermanentError, RetriesExhausted, is_retryable, retry
+from dataflow.resilience import (
+    Backoff,
+    ErrorClass,
+    PermanentError,
+    RetriesExhausted,
+    StorageBreaker,
+    classify,
+    retry,
+    retry_async,
+)
 
 
 def test_backoff_grows_exponentially_and_caps() -> None:
@@ -21,66 +33,83 @@ def test_jitter_stays_within_twenty_percent_and_spreads() -> None:
     assert min(delays) >= 8 * 0.8 and max(delays) <= 8 * 1.2
     # Spread: both ends of the band are used, so retries from many workers do not align.
     assert min(delays) < 8 * 0.82 and max(delays) > 8 * 1.18
+    capped = [b.delay(20, rng.random) for _ in range(500)]
+    assert min(capped) >= 30 * 0.8 and max(capped) <= 30 * 1.2
 
 
 @pytest.mark.parametrize(
-    "exc",
+    ("exc", "kind"),
     [
-        ConnectionError("refused"),
-        TimeoutError("read timed out"),
-        OSError("Generic S3 error: Error after 10 retries ... connection refused"),
-        Exception("Generic S3 error: HTTP status server error (503 Service Unavailable)"),
-        Exception("status code: 429, SlowDown"),
-        type("CommitFailedError", (Exception,), {})("conflict"),
+        (ConnectionError("refused"), ErrorClass.OUTAGE),
+        (TimeoutError("read timed out"), ErrorClass.OUTAGE),
+        (
+            OSError(
+                "Generic S3 error: Error performing GET ... after 10 retries - HTTP error - error sending request"
+            ),
+            ErrorClass.OUTAGE,
+        ),
+        (
+            OSError(
+                'Generic S3 error: response error "request error", after 3 retries: HTTP status server error (503 Service Unavailable)'
+            ),
+            ErrorClass.OUTAGE,
+        ),
+        (Exception("HTTP status 500 Internal Server Error"), ErrorClass.OUTAGE),
+        (Exception("status code: 408 Request Timeout"), ErrorClass.OUTAGE),
+        (Exception("status code: 403 Forbidden, AccessDenied"), ErrorClass.OUTAGE),
+        (Exception("status code: 429, SlowDown"), ErrorClass.TRANSIENT),
+        (CommitFailedError("Transaction failed: version already exists"), ErrorClass.TRANSIENT),
+        (RuntimeError("something nobody anticipated"), ErrorClass.TRANSIENT),
+        (ValueError("bad value"), ErrorClass.PERMANENT),
+        (TypeError("unsupported type"), ErrorClass.PERMANENT),
+        (OverflowError("Python int too large to convert to C long"), ErrorClass.PERMANENT),
+        (SchemaMismatchError("Cannot cast schema"), ErrorClass.PERMANENT),
+        (PermanentError("no"), ErrorClass.PERMANENT),
+        (Exception("status code: 400 Bad Request"), ErrorClass.PERMANENT),
+        (Exception("HTTP 404 not found"), ErrorClass.PERMANENT),
     ],
 )
-def test_retryable(exc: Exception) -> None:
-    assert is_retryable(exc)
+def test_classification(exc: Exception, kind: ErrorClass) -> None:
+    assert classify(exc) is kind
 
 
-@pytest.mark.parametrize(
-    "exc",
-    [
-        ValueError("bad value"),
-        TypeError("unsupported type"),
-        PermanentError("no"),
-        Exception("status code: 403 Forbidden"),
-        Exception("HTTP 404 not found"),
-    ],
-)
-def test_permanent(exc: Exception) -> None:
-    assert not is_retryable(exc)
+class Flaky:
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "ok"
 
 
 def test_retry_succeeds_after_transient_failures_without_real_sleep() -> None:
-    calls, slept = [], []
-
-    def flaky() -> str:
-        calls.append(1)
-        if len(calls) < 4:
-            raise ConnectionError("down")
-        return "ok"
-
-    assert retry(flaky, backoff=Backoff(jitter=0), sleep=slept.append) == "ok"
-    assert slept == [0.5, 1, 2]
+    slept: list[float] = []
+    fn = Flaky([ConnectionError("down")] * 3)
+    assert retry(fn, backoff=Backoff(jitter=0), sleep=slept.append) == "ok"
+    assert slept == [0.5, 1, 2] and fn.calls == 4
 
 
 def test_permanent_error_is_not_retried() -> None:
-    calls = []
-
-    def bad() -> None:
-        calls.append(1)
-        raise ValueError("schema")
-
+    fn = Flaky([ValueError("schema")])
     with pytest.raises(ValueError):
-        retry(bad, sleep=lambda s: None)
-    assert len(calls) == 1
+        retry(fn, sleep=lambda s: None)
+    assert fn.calls == 1
 
 
-def test_attempts_and_budget_exhaust() -> None:
+def test_transient_errors_exhaust_but_outages_are_waited_out() -> None:
     with pytest.raises(RetriesExhausted) as info:
-        retry(lambda: (_ for _ in ()).throw(ConnectionError("x")), max_attempts=3, sleep=lambda s: None)
+        retry(Flaky([CommitFailedError("conflict")] * 10), max_attempts=3, sleep=lambda s: None)
     assert info.value.attempts == 3
+    # An outage of 50 attempts outlasts max_attempts=3, and is still waited out.
+    fn = Flaky([ConnectionError("down")] * 50)
+    assert retry(fn, max_attempts=3, wait_out_outages=True, sleep=lambda s: None) == "ok"
+    assert fn.calls == 51
+
+
+def test_budget_bounds_the_time_spent() -> None:
     now = [0.0]
 
     def sleep(s: float) -> None:
@@ -88,7 +117,7 @@ def test_attempts_and_budget_exhaust() -> None:
 
     with pytest.raises(RetriesExhausted):
         retry(
-            lambda: (_ for _ in ()).throw(TimeoutError("x")),
+            Flaky([TimeoutError("x")] * 100),
             max_attempts=None,
             budget_s=10,
             backoff=Backoff(jitter=0),
@@ -96,3 +125,104 @@ def test_attempts_and_budget_exhaust() -> None:
             clock=lambda: now[0],
         )
     assert now[0] <= 10
+
+
+def test_async_retry_has_the_same_policy() -> None:
+    slept: list[float] = []
+    calls = []
+
+    async def fn() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    assert asyncio.run(retry_async(fn, backoff=Backoff(jitter=0), sleep=sleep)) == "ok"
+    assert slept == [0.5, 1]
+
+    async def bad() -> None:
+        raise TypeError("no")
+
+    with pytest.raises(TypeError):
+        asyncio.run(retry_async(bad, sleep=sleep))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def down() -> None:
+    raise ConnectionError("storage down")
+
+
+def test_breaker_opens_after_five_outage_failures_then_probes_before_closing() -> None:
+    clock = Clock()
+    healthy = [False]
+    breaker = StorageBreaker("t1", probe=lambda: healthy[0], clock=clock)
+    for _ in range(4):
+        with pytest.raises(ConnectionError):
+            breaker.call(down)
+    assert breaker.state == "closed" and breaker.failure_count == 4
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    assert breaker.state == "open"
+    # While open, storage is not called at all.
+    calls = []
+    with pytest.raises(CircuitBreakerError):
+        breaker.call(lambda: calls.append(1))
+    assert calls == []
+    clock.now += 59
+    assert breaker.state == "open"
+    clock.now += 1
+    assert breaker.state == "half_open"
+    # Half-open, but the probe says the bucket is unreachable: stays open for another period.
+    with pytest.raises(CircuitBreakerError):
+        breaker.call(lambda: calls.append(1))
+    assert calls == [] and breaker.state == "open"
+    clock.now += 60
+    healthy[0] = True
+    assert breaker.call(lambda: "written") == "written"
+    assert breaker.state == "closed" and breaker.failure_count == 0
+
+
+def test_a_failure_while_half_open_reopens_and_data_errors_do_not_count() -> None:
+    clock = Clock()
+    breaker = StorageBreaker("t2", probe=lambda: True, failure_threshold=2, recovery_timeout=10, clock=clock)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(down)
+    clock.now += 10
+    assert breaker.state == "half_open"
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    assert breaker.state == "open"
+    clock.now += 10
+    with pytest.raises(ValueError):  # storage answered; the data was wrong: not an outage
+        breaker.call(lambda: (_ for _ in ()).throw(ValueError("bad row")))
+    assert breaker.state == "closed"
+
+
+def test_breaker_state_is_a_metric() -> None:
+    from prometheus_client import REGISTRY
+
+    clock = Clock()
+    breaker = StorageBreaker("t3", probe=lambda: True, failure_threshold=1, recovery_timeout=5, clock=clock)
+
+    def state() -> float:
+        return REGISTRY.get_sample_value("circuit_breaker_state", {"name": "t3"})
+
+    assert state() == 0
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    assert state() == 1
+    assert REGISTRY.get_sample_value("circuit_breaker_opens_total", {"name": "t3"}) == 1
+    clock.now += 5
+    breaker.call(lambda: None)
+    assert state() == 0

@@ -1,0 +1,37 @@
+"""The lake's object store, as seen from outside Delta: is it reachable, what tables are there."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def s3_client(storage_options: dict[str, str], timeout: float = 5.0):
+    """A minio-py client built from delta-rs storage options (the AWS_* variables)."""
+    import urllib3
+    from minio import Minio
+
+    endpoint = urlparse(storage_options.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com"))
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=urllib3.Retry(total=0)
+    )
+    return Minio(
+        endpoint.netloc,
+        access_key=storage_options.get("AWS_ACCESS_KEY_ID"),
+        secret_key=storage_options.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=storage_options.get("AWS_SESSION_TOKEN"),
+        region=storage_options.get("AWS_REGION"),
+        secure=endpoint.scheme == "https",
+        http_client=http,
+    )
+
+
+def health_probe(lake_uri: str, storage_options: dict[str, str] | None) -> Callable[[], bool]:
+    """A cheap check that the lake's bucket (or folder) answers, for the circuit breaker."""
+    if lake_uri.startswith(("s3://", "s3a://")):
+        bucket = urlparse(lake_uri).netloc
+        client = s3_client(storage_options or {})
+        return lambda: client.bucket_exists(bucket)
+    root = Path(lake_uri)
+    return lambda: root.exists() or root.parent.exists()
