@@ -22,6 +22,7 @@ from dataflow.kafka_source import ResumingKafkaSource
 from dataflow.lake_offsets import committed_offsets
 from dataflow.lake_sink import LakeSink
 from dataflow.parse_step import parse_events
+from dataflow.resilience import retry
 from dataflow.sample_source import SampleFileSource
 from dataflow.settings import Settings, SettingsError
 
@@ -53,13 +54,18 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         add_config=settings.kafka_config,
         batch_size=5000,
         raise_on_errors=False,
-        committed=lambda: (
-            {}
-            if settings.start_from == "beginning"
-            else committed_offsets(
-                settings.lake_uri, settings.pipeline_name, partitions, settings.storage_options or None
-            )
+        committed=lambda: {} if settings.start_from == "beginning" else read_committed(settings, partitions),
+    )
+
+
+def read_committed(settings: Settings, partitions: dict[str, int]) -> dict[tuple[str, int], int]:
+    """The offsets recorded in Delta; storage hiccups at start are retried, not fatal."""
+    return retry(
+        lambda: committed_offsets(
+            settings.lake_uri, settings.pipeline_name, partitions, settings.storage_options or None
         ),
+        max_attempts=10,
+        operation="read_committed_offsets",
     )
 
 
