@@ -40,6 +40,7 @@ format: $(VENV)/.installed
 ## demo: run the pipeline on its bundled sample (no services needed) into ./data
 demo: $(VENV)/.installed
 	CDC_KAFKA_BROKERS= CDC_LAKE_URI=./data/lake CDC_DLQ_FALLBACK=./data/dlq/fallback.jsonl \
+	  CDC_LOG_LEVEL=ERROR CDC_LOG_FORMAT=text \
 	  $(PY) -m bytewax.run dataflow.main:flow
 
 clean:

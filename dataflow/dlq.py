@@ -10,6 +10,7 @@ file when a confirmation arrives late, and replay is idempotent for that reason.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -112,6 +113,7 @@ class DLQWriter:
         self.fallback = FallbackFile(config.fallback_path)
         self.limiter = RateLimiter(config.rate_per_minute)
         self.skip_topic_until = 0.0
+        self.counts: collections.Counter[str] = collections.Counter()
         self.producer: Producer | None = None
         if config.brokers:
             timeout_ms = int(config.delivery_timeout_s * 1000)
@@ -132,6 +134,22 @@ class DLQWriter:
         """Returns only when every record is confirmed by the topic or durable in the file."""
         for r in records:
             DLQ_EVENTS.labels(str(r.reason)).inc()
+            self.counts[str(r.reason)] += 1
+            log.warning(
+                "dead letter %s from %s:%s@%s: %s",
+                r.reason,
+                r.topic,
+                r.partition,
+                r.offset,
+                r.error[:300],
+                extra={
+                    "reason": str(r.reason),
+                    "topic": r.topic,
+                    "partition": r.partition,
+                    "offset": r.offset,
+                    "table": r.metadata.get("table"),
+                },
+            )
         to_topic: list[DeadLetter] = []
         over_limit: list[DeadLetter] = []
         for r in records:
@@ -201,6 +219,10 @@ class _DLQPartition(StatelessSinkPartition[DeadLetter]):
 
     def close(self) -> None:
         self.writer.close()
+        if self.writer.counts:
+            by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(self.writer.counts.items()))
+            where = self.writer.config.topic if self.writer.producer else self.writer.fallback.path
+            print(f"dead letters: {sum(self.writer.counts.values())} ({by_reason}) to {where}", flush=True)
 
 
 class DLQSink(DynamicSink[DeadLetter]):

@@ -44,6 +44,7 @@ class ResumingKafkaSource(KafkaSource):
                     topic,
                     idx,
                     offset,
+                    extra={"topic": topic, "partition": int(idx), "offset": offset},
                 )
                 resume_state = offset
             else:

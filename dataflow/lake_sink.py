@@ -112,7 +112,9 @@ class LakeWriter:
         self, writer: DeltaTableWriter, events: list[ChangeEvent], stats: TableStats, mode: str, primary: bool
     ) -> None:
         table = events[0].table
-        log.info("commit begin %s: %d events", writer.uri, len(events))
+        log.info(
+            "commit begin %s: %d events", writer.uri, len(events), extra={"table": table, "rows": len(events)}
+        )
         started = time.monotonic()
         try:
             # Outages are waited out for as long as they last (the breaker keeps us
@@ -145,6 +147,7 @@ class LakeWriter:
             result.version,
             result.rows_written,
             result.skipped,
+            extra={"table": table, "version": result.version, "rows": result.rows_written},
         )
         self._record(result, events, stats, mode, primary, elapsed)
 
@@ -199,7 +202,15 @@ class LakeWriter:
                 if "Schema" in type(exc).__name__
                 else Reason.DELTA_WRITE_ERROR
             )
-            log.error("Delta refused %s %s:%s@%s: %s", ev.table, ev.topic, ev.partition, ev.offset, exc)
+            log.error(
+                "Delta refused %s %s:%s@%s: %s",
+                ev.table,
+                ev.topic,
+                ev.partition,
+                ev.offset,
+                exc,
+                extra={"table": ev.table, "topic": ev.topic, "partition": ev.partition, "offset": ev.offset},
+            )
             self._dead_letter(events, reason, exc, mode, stats, 0)
             return
         mid = len(events) // 2

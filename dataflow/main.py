@@ -14,7 +14,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
-from dataflow import recovery, shutdown
+from dataflow import logs, recovery, shutdown
 from dataflow.batching import BatchLimits, batch_by_table
 from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
 from dataflow.kafka_admin import end_offsets, match_topics, partitions_of
@@ -92,13 +92,6 @@ def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
     return flow
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("CDC_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-
-
 def _bytewax_option(short: str, long: str, env: str) -> str | None:
     """An option as `bytewax.run` will see it: from its command line, else its environment variable."""
     argv = sys.argv
@@ -128,7 +121,7 @@ def prepare_recovery(settings: Settings, partitions: dict[str, int]) -> None:
 
 def main() -> Dataflow:
     """Build the flow from the environment (this runs on import, as `bytewax.run` expects)."""
-    _configure_logging()
+    logs.configure()
     settings = Settings.from_env()
     shutdown.install(settings.shutdown_grace_seconds)
     partitions = topic_partitions(settings)

@@ -60,15 +60,15 @@ class PeakRss:
 
 
 def commit_rate(lines: list[str], start: float, end: float) -> float:
-    """Events committed a second between two wall-clock times, from the pipeline's log."""
+    """Events committed a second between two wall-clock times, from the pipeline's JSON log."""
     total = 0
     for line in lines:
-        m = re.match(
-            r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ .*commit end .*/lake/shop/\w+: version \S+, (\d+) rows",
-            line,
-        )
-        if m and start <= datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() < end:
-            total += int(m.group(2))
+        if not line.startswith("{") or "commit end" not in line:
+            continue
+        rec = json.loads(line)
+        when = datetime.fromisoformat(rec["ts"]).timestamp()
+        if "/_changelog/" not in rec["msg"] and start <= when < end:
+            total += rec["rows"]
     return total / max(end - start, 1e-9)
 
 
