@@ -1,0 +1,403 @@
+"""`python -m dataflow.cli` (also `cdc`): status of the tables, and the dead-letter queue.
+
+    status              per table: Delta version, rows, last commit, committed offsets, lag
+    dlq inspect         dead letters from the DLQ topic or the fallback file, filtered
+    dlq replay          send chosen dead letters back to their source topic, once
+
+Configuration comes from the same environment as the pipeline (README).
+Replay is idempotent: every replayed source (topic, partition, offset) is
+recorded in a compacted ledger topic, `<DLQ topic>.replayed`, and a source
+already in the ledger is not sent again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from bytewax.connectors.kafka import KafkaSourceMessage
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from dataflow.dlq import FallbackFile
+from dataflow.events import parse
+from dataflow.kafka_admin import end_offsets, match_topics
+from dataflow.lake_offsets import list_tables
+from dataflow.model import ChangeEvent, DeadLetter, Reason
+from dataflow.settings import Settings, SettingsError
+
+
+def progress(label: str, done: int, total: int | None = None) -> None:
+    """Progress on stderr, so stdout stays clean for --json."""
+    suffix = f"/{total}" if total else ""
+    print(f"\r{label}: {done}{suffix}", end="", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- status
+
+
+def table_status(uri: str, settings: Settings, partitions: dict[str, int], ends: dict) -> dict[str, Any]:
+    from deltalake import DeltaTable
+
+    table = DeltaTable(uri, storage_options=settings.storage_options or None)
+    actions = table.get_add_actions(flatten=True)
+    rows = sum(v for v in actions.column("num_records").to_pylist() if v is not None) if len(actions) else 0
+    last = table.history(1)[0]
+    offsets = []
+    for topic, count in partitions.items():
+        for p in range(count):
+            version = table.transaction_version(f"{settings.pipeline_name}:{topic}:{p}")
+            if version is None:
+                continue
+            end = ends.get((topic, p))
+            lag = None if end is None else max(0, end - 1 - version)
+            offsets.append({"topic": topic, "partition": p, "committed": version, "end": end, "lag": lag})
+    return {
+        "table": uri,
+        "version": table.version(),
+        "rows": rows,
+        "last_commit": datetime.fromtimestamp(last["timestamp"] / 1000, UTC).isoformat(timespec="seconds"),
+        "last_operation": last.get("operation"),
+        "offsets": offsets,
+        "lag": sum(o["lag"] or 0 for o in offsets),
+    }
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    partitions: dict[str, int] = {}
+    ends: dict = {}
+    if settings.brokers:
+        topics = list(settings.topics) or match_topics(settings.brokers, settings.topic_pattern or ".*")
+        try:
+            ends = end_offsets(settings.brokers, topics, **settings.kafka_config)
+        except Exception as e:  # status still shows the tables without the broker
+            print(f"warning: cannot read end offsets from {settings.brokers}: {e}", file=sys.stderr)
+        for topic, p in ends:
+            partitions[topic] = max(partitions.get(topic, 0), p + 1)
+    uris = list_tables(settings.lake_uri, settings.storage_options or None)
+    report = []
+    for i, uri in enumerate(uris, 1):
+        progress("reading tables", i, len(uris))
+        report.append(table_status(uri, settings, partitions, ends))
+    if uris:
+        print(file=sys.stderr)
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if not report:
+        print(f"no Delta tables under {settings.lake_uri}")
+        return 0
+    print(f"{'table':<60} {'version':>8} {'rows':>10} {'last commit':<26} {'lag':>8}")
+    for t in report:
+        print(f"{t['table']:<60} {t['version']:>8} {t['rows']:>10} {t['last_commit']:<26} {t['lag']:>8}")
+        for o in t["offsets"]:
+            lag = "?" if o["lag"] is None else o["lag"]
+            print(f"    {o['topic']}[{o['partition']}] committed {o['committed']}, end {o['end']}, lag {lag}")
+    return 0
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+def read_topic(brokers: str, topic: str, config: dict[str, str]) -> Iterator[tuple[DeadLetter, Any]]:
+    """Every record on the DLQ topic, from the start to the current end."""
+    consumer = Consumer(
+        {"bootstrap.servers": brokers, "group.id": "cdc-cli", "enable.auto.commit": False, **config}
+    )
+    try:
+        md = consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if md is None or md.error is not None:
+            return
+        todo = {}
+        for p in md.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            if high > low:
+                todo[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in todo])
+        total, done, deadline = sum(todo.values()), 0, time.monotonic() + 600
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=1):
+                if msg.error() is not None:
+                    continue
+                done += 1
+                if done % 1000 == 0:
+                    progress(f"reading {topic}", done, total)
+                if msg.offset() >= todo.get(msg.partition(), 0) - 1:
+                    todo.pop(msg.partition(), None)
+                try:
+                    yield DeadLetter.from_json(msg.value()), msg
+                except (orjson.JSONDecodeError, KeyError, ValueError) as e:
+                    print(
+                        f"skipping unreadable DLQ record at {msg.partition()}@{msg.offset()}: {e}",
+                        file=sys.stderr,
+                    )
+        if done >= 1000:
+            print(file=sys.stderr)
+    finally:
+        consumer.close()
+
+
+def read_file(path: str) -> Iterator[DeadLetter]:
+    """DLQ records from a JSONL file: the fallback file, or `inspect --json` output (maybe edited).
+
+    A record with a `value` text field (as `inspect --json` prints) replays that
+    text instead of the original bytes: that is how a fixed event is replayed.
+    """
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            d = orjson.loads(line)
+            record = DeadLetter.from_json(line)
+            if d.get("value") is not None:
+                record.value = d["value"].encode()
+            yield record
+
+
+def table_of(record: DeadLetter) -> str:
+    """The table a dead letter belongs to: recorded by the sink, else from the topic name."""
+    if table := record.metadata.get("table"):
+        return table
+    parts = record.topic.split(".")
+    return ".".join(parts[-2:]) if len(parts) >= 2 else record.topic
+
+
+def select(records: Iterable[DeadLetter], args: argparse.Namespace) -> list[DeadLetter]:
+    """Filter by reason, table and time; keep one record per source (the DLQ is at-least-once)."""
+    since = _time(args.since)
+    until = _time(args.until)
+    seen: set[tuple[str, int, int]] = set()
+    out = []
+    for r in records:
+        if args.reason and str(r.reason) not in args.reason:
+            continue
+        if args.table and table_of(r) != args.table:
+            continue
+        if since is not None and r.first_failure_ms < since:
+            continue
+        if until is not None and r.first_failure_ms > until:
+            continue
+        if r.source_id in seen and not getattr(args, "all", False):
+            continue
+        seen.add(r.source_id)
+        out.append(r)
+        if args.limit and len(out) >= args.limit:
+            break
+    return out
+
+
+def _time(text: str | None) -> int | None:
+    if not text:
+        return None
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def load_records(settings: Settings, args: argparse.Namespace) -> list[DeadLetter]:
+    if args.file:
+        source: Iterable[DeadLetter] = read_file(args.file)
+    elif args.fallback:
+        source = FallbackFile(settings.dlq_fallback).read()
+    else:
+        if not settings.brokers:
+            raise SettingsError("reading the DLQ topic needs CDC_KAFKA_BROKERS (or use --file/--fallback)")
+        source = (
+            r
+            for r, _ in read_topic(settings.brokers, args.topic or settings.dlq_topic, settings.kafka_config)
+        )
+    return select(source, args)
+
+
+def as_json(r: DeadLetter) -> bytes:
+    d = orjson.loads(r.to_json())
+    with contextlib.suppress(UnicodeDecodeError):  # editable text, for fixing
+        d["value"] = None if r.value is None else r.value.decode("utf-8")
+    d["table"] = table_of(r)
+    return orjson.dumps(d)
+
+
+def cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
+    records = load_records(settings, args)
+    if args.json:
+        for r in records:
+            sys.stdout.buffer.write(as_json(r) + b"\n")
+        return 0
+    print(f"{'when (UTC)':<20} {'reason':<27} {'source':<40} {'retries':>7}  error")
+    for r in records:
+        when = datetime.fromtimestamp(r.first_failure_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        source = f"{r.topic}[{r.partition}]@{r.offset}"
+        print(f"{when:<20} {r.reason!s:<27} {source:<40} {r.retry_count:>7}  {r.error[:80]}")
+    print(f"{len(records)} dead letters")
+    return 0
+
+
+def ledger_topic(settings: Settings, args: argparse.Namespace) -> str:
+    return args.ledger or f"{args.topic or settings.dlq_topic}.replayed"
+
+
+def read_ledger(settings: Settings, topic: str) -> set[str]:
+    admin = AdminClient({"bootstrap.servers": settings.brokers, **settings.kafka_config})
+    futures = admin.create_topics(
+        [NewTopic(topic, 1, 1, config={"cleanup.policy": "compact"})], operation_timeout=30
+    )
+    for fut in futures.values():
+        try:
+            fut.result(timeout=60)
+        except KafkaException as e:
+            if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+    consumer = Consumer(
+        {"bootstrap.servers": settings.brokers, "group.id": "cdc-cli-ledger", **settings.kafka_config}
+    )
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=30)
+        done: set[str] = set()
+        if high <= low:
+            return done
+        consumer.assign([TopicPartition(topic, 0, low)])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            msgs = consumer.consume(1000, timeout=1)
+            for m in msgs:
+                if m.error() is None and m.key() is not None:
+                    done.add(m.key().decode())
+            if msgs and msgs[-1].offset() >= high - 1:
+                break
+        return done
+    finally:
+        consumer.close()
+
+
+def still_bad(r: DeadLetter, max_bytes: int) -> str | None:
+    """Why the record would be dead-lettered again, if it would."""
+    result = parse(
+        KafkaSourceMessage(r.key, r.value, topic=r.topic, partition=r.partition, offset=r.offset),
+        max_bytes=max_bytes,
+    )
+    if result is None or isinstance(result, ChangeEvent):
+        return None
+    return f"{result.reason}: {result.error}"
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.brokers:
+        raise SettingsError("replay sends records to their source topics: set CDC_KAFKA_BROKERS")
+    records = load_records(settings, args)
+    ledger = ledger_topic(settings, args)
+    done = read_ledger(settings, ledger)
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.brokers,
+            "enable.idempotence": True,
+            "acks": "all",
+            **settings.kafka_config,
+        }
+    )
+    failures: list[str] = []
+    sent = skipped = bad = 0
+    for i, r in enumerate(records, 1):
+        source = f"{r.topic}:{r.partition}:{r.offset}"
+        if source in done:
+            skipped += 1
+            continue
+        if (
+            not args.force
+            and r.reason not in (Reason.DELTA_WRITE_ERROR, Reason.MINIO_ERROR)
+            and (why := still_bad(r, settings.max_document_bytes))
+        ):
+            bad += 1
+            print(
+                f"not replaying {source}: it would be dead-lettered again ({why}); fix it or use --force",
+                file=sys.stderr,
+            )
+            continue
+        if args.dry_run:
+            sent += 1
+            continue
+        producer.produce(
+            r.topic,
+            key=r.key,
+            value=r.value,
+            headers=[("cdc.replay.source", source.encode())],
+            on_delivery=lambda err, _m, s=source: failures.append(f"{s}: {err}") if err else None,
+        )
+        if producer.flush(30) != 0:
+            failures.append(f"{source}: not confirmed")
+            break
+        # Only a confirmed replay is recorded, so a failure can be retried without duplicates.
+        producer.produce(
+            ledger, key=source.encode(), value=orjson.dumps({"replayed_ms": int(time.time() * 1000)})
+        )
+        sent += 1
+        if i % 100 == 0:
+            progress("replaying", i, len(records))
+    if producer.flush(30) != 0:
+        failures.append("ledger records not confirmed")
+    verb = "would replay" if args.dry_run else "replayed"
+    print(f"{verb} {sent}, already replayed {skipped}, still bad {bad}, failed {len(failures)}")
+    for f in failures[:20]:
+        print(f"  failed: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m dataflow.cli", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="per table: version, rows, last commit, offsets and lag")
+    status.add_argument("--json", action="store_true")
+    dlq = sub.add_parser("dlq", help="inspect or replay dead letters")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    for name in ("inspect", "replay"):
+        p = dsub.add_parser(name)
+        src = p.add_mutually_exclusive_group()
+        src.add_argument(
+            "--file", help="a JSONL file of dead letters (fallback file or `inspect --json` output)"
+        )
+        src.add_argument("--fallback", action="store_true", help="read CDC_DLQ_FALLBACK")
+        src.add_argument("--topic", help="the DLQ topic (default CDC_DLQ_TOPIC)")
+        p.add_argument("--reason", action="append", choices=[str(r) for r in Reason])
+        p.add_argument("--table", help="db.collection")
+        p.add_argument("--since", help="ISO time, UTC unless it says otherwise")
+        p.add_argument("--until", help="ISO time")
+        p.add_argument("--limit", type=int)
+        if name == "inspect":
+            p.add_argument(
+                "--json", action="store_true", help="one JSON record a line, with an editable `value`"
+            )
+            p.add_argument("--all", action="store_true", help="keep repeated records of the same source")
+        else:
+            p.add_argument("--ledger", help="ledger topic (default <DLQ topic>.replayed)")
+            p.add_argument("--dry-run", action="store_true")
+            p.add_argument("--force", action="store_true", help="replay even records that would fail again")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "status":
+            return cmd_status(settings, args)
+        if args.dlq_command == "inspect":
+            return cmd_inspect(settings, args)
+        return cmd_replay(settings, args)
+    except SettingsError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

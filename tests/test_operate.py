@@ -1,0 +1,196 @@
+"""Operating the pipeline: its metrics endpoint while storage fails, and the DLQ tools end to end."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+import pytest
+from deltalake import DeltaTable
+
+from dataflow.generate import Generator, produce
+from services.process import free_port
+from tests.harness import (
+    ROOT,
+    Model,
+    PipelineProcess,
+    assert_table_matches,
+    pipeline_env,
+    run_pipeline,
+    table_rows,
+)
+from tests.test_pipeline import read_dlq
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples from the Prometheus text format, `name{labels}` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k == prefix or k.startswith(prefix + "{"))
+
+
+def wait_for(port: int, check, timeout: float, what: str) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        try:
+            last = scrape(port)
+            if check(last):
+                return last
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(
+        f"timed out waiting for {what}; last scrape: { {k: v for k, v in last.items() if 'cdc' in k or 'circuit' in k} }"
+    )
+
+
+def test_metrics_move_and_the_breaker_opens_when_minio_stops(kafka, own_s3, tmp_path) -> None:
+    gen = Generator(collections=2, prefix=f"met{tmp_path.name[-6:]}", seed=41, doc_bytes=400)
+    messages = list(gen.messages(30_000))
+    kafka.create_topics(gen.topics, partitions=2)
+    produce(kafka.bootstrap, iter(messages[:10_000]))
+    bucket = own_s3.bucket("metrics")
+    port = free_port()
+    env = pipeline_env(
+        CDC_KAFKA_BROKERS=kafka.bootstrap,
+        CDC_TOPICS=",".join(gen.topics),
+        CDC_LAKE_URI=f"s3://{bucket}/lake",
+        CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
+        CDC_RECOVERY_DIR=str(tmp_path / "recovery"),
+        CDC_STOP_AT_END="0",
+        CDC_BATCH_MAX_SECONDS="1",
+        CDC_BREAKER_RESET_SECONDS="5",
+        CDC_RETRY_MAX_SECONDS="2",
+        BYTEWAX_DATAFLOW_API_ENABLED="1",
+        BYTEWAX_DATAFLOW_API_PORT=str(port),
+        **own_s3.env,
+    )
+    p = PipelineProcess(env, tmp_path / "pipeline.log")
+    try:
+        first = wait_for(port, lambda s: total(s, "cdc_delta_commits_total") >= 2, 120, "the first commits")
+        assert total(first, "cdc_events_in_total") >= 1
+        assert first.get('circuit_breaker_state{name="storage"}') == 0
+        produce(kafka.bootstrap, iter(messages[10_000:20_000]))
+        out_before = total(first, "cdc_events_out_total")
+        moving = wait_for(
+            port,
+            lambda s: (
+                total(s, "cdc_events_in_total") >= 20_000 and total(s, "cdc_events_out_total") > out_before
+            ),
+            120,
+            "the second 10,000 events read and committed",
+        )
+        assert total(moving, "cdc_batch_rows_count") > 0 and total(moving, "checkpoints_committed_total") > 0
+
+        own_s3.server.stop()
+        produce(kafka.bootstrap, iter(messages[20_000:]))
+        opened = wait_for(
+            port, lambda s: s.get('circuit_breaker_state{name="storage"}') == 1, 180, "breaker open"
+        )
+        assert opened['circuit_breaker_opens_total{name="storage"}'] >= 1
+        assert total(opened, "retry_attempts_total") >= 5
+        assert total(opened, "checkpoint_failures_total") >= 5
+
+        own_s3.server.start()
+        wait_for(port, lambda s: s.get('circuit_breaker_state{name="storage"}') == 0, 180, "breaker closed")
+        wait_for(port, lambda s: total(s, "retry_success_total") >= 1, 60, "a retry to succeed")
+    finally:
+        p.kill(signal.SIGTERM)
+        assert p.wait(120) == 0, p.tail()
+    model = Model()
+    model.apply(messages)
+    for coll, expected in model.tables.items():
+        assert_table_matches(f"s3://{bucket}/lake/{gen.db}/{coll}", expected, own_s3.storage_options)
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dataflow.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_dlq_replay_round_trip_from_corrupt_event_to_delta_row_twice(kafka, s3, tmp_path) -> None:
+    gen = Generator(collections=1, prefix=f"rep{tmp_path.name[-6:]}", seed=42, doc_bytes=300)
+    messages = list(gen.messages(200))
+    kafka.create_topics(gen.topics, partitions=2)
+    dlq_topic = kafka.topic("dlq", partitions=1)
+    # One insert arrives truncated: valid before, corrupt on the wire.
+    touched_later = collections.Counter(m.change.id for m in messages if m.change is not None)
+    victim = next(
+        m
+        for m in messages[50:]
+        if m.change is not None and m.change.op == "insert" and touched_later[m.change.id] == 1
+    )
+    good_value = victim.value
+    victim.value = good_value[: len(good_value) // 2]
+    produce(kafka.bootstrap, iter(messages))
+    bucket = s3.bucket("replay")
+    env = pipeline_env(
+        CDC_KAFKA_BROKERS=kafka.bootstrap,
+        CDC_TOPICS=",".join(gen.topics),
+        CDC_LAKE_URI=f"s3://{bucket}/lake",
+        CDC_TABLE_MODE="both",
+        CDC_DLQ_TOPIC=dlq_topic,
+        CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
+        **s3.env,
+    )
+    table = f"s3://{bucket}/lake/{gen.db}/{gen.names[0]}"
+    changelog = f"s3://{bucket}/lake/_changelog/{gen.db}/{gen.names[0]}"
+    run_pipeline(env)
+    assert victim.change.id not in {r["_id"] for r in table_rows(table, s3.storage_options)}
+    assert len(read_dlq(kafka.bootstrap, dlq_topic, 1)) == 1
+
+    # Inspect, fix the record's value, replay it.
+    out = cli(env, "dlq", "inspect", "--json", "--reason", "CORRUPTED_DATA").stdout
+    records = [orjson.loads(line) for line in out.splitlines()]
+    assert len(records) == 1 and records[0]["value"] == victim.value.decode()
+    records[0]["value"] = good_value.decode()
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_bytes(orjson.dumps(records[0]) + b"\n")
+    assert "replayed 1," in cli(env, "dlq", "replay", "--file", str(fixed)).stdout
+    run_pipeline(env)
+    rows = {r["_id"]: r for r in table_rows(table, s3.storage_options)}
+    assert rows[victim.change.id]["name"] == victim.change.doc["name"]
+    model = Model()
+    model.apply(messages)
+    assert_table_matches(table, model.tables[gen.names[0]], s3.storage_options)
+    changes = len(table_rows(changelog, s3.storage_options))
+    version = DeltaTable(table, storage_options=s3.storage_options).version()
+
+    # Replaying again adds nothing: the ledger knows the source was replayed.
+    second = cli(env, "dlq", "replay", "--file", str(fixed)).stdout
+    assert "replayed 0, already replayed 1" in second
+    run_pipeline(env)
+    assert len(table_rows(changelog, s3.storage_options)) == changes
+    assert DeltaTable(table, storage_options=s3.storage_options).version() == version
+
+    status = orjson.loads(cli(env, "status", "--json").stdout)
+    mine = next(t for t in status if t["table"] == table)
+    assert mine["rows"] == len(model.tables[gen.names[0]])
+    assert {o["partition"] for o in mine["offsets"]} == {0, 1}
+    # Lag counts offsets: only a trailing tombstone or dead letter may sit past the last commit.
+    assert all(0 <= o["lag"] <= 1 for o in mine["offsets"])
