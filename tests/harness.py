@@ -132,14 +132,14 @@ def assert_table_matches(uri: str, expected: dict[str, dict[str, Any]], storage_
 class PipelineProcess:
     """`python -m dataflow` in the background, its output watched line by line for markers."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, args: tuple[str, ...] = ()) -> None:
         import threading
 
         self.log = log
         self.lines: list[str] = []
         self.commit_begun = threading.Event()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dataflow"],
+            [sys.executable, "-m", "dataflow", *args],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -169,3 +169,14 @@ class PipelineProcess:
 
     def tail(self, n: int = 40) -> str:
         return "".join(self.lines[-n:])
+
+
+def start_cluster(env: dict[str, str], log_dir: Path, processes: int = 2) -> list[PipelineProcess]:
+    """`python -m dataflow -i N -a ...`: one Bytewax cluster of `processes` processes on 127.0.0.1."""
+    from services.process import free_port
+
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    return [
+        PipelineProcess(env, log_dir / f"process-{i}.log", args=("-i", str(i), "-a", addresses))
+        for i in range(processes)
+    ]
