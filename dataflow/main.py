@@ -51,7 +51,10 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         settings.brokers.split(","),
         list(partitions),
         tail=not settings.stop_at_end,
-        add_config=settings.kafka_config,
+        # Bytewax opens one consumer per partition, and librdkafka prefetches up to
+        # 64 MiB for each by default: bound it, or memory grows with the partition count.
+        add_config={"queued.max.messages.kbytes": "8192", "fetch.max.bytes": "8388608"}
+        | settings.kafka_config,
         batch_size=5000,
         raise_on_errors=False,
         committed=lambda: {} if settings.start_from == "beginning" else read_committed(settings, partitions),
