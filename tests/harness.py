@@ -44,6 +44,28 @@ def run_pipeline(
     return proc
 
 
+def lake_env(
+    brokers: str, s3_env: dict[str, str], topics: list[str], bucket: str, tmp_path: Path, **extra: str
+) -> dict[str, str]:
+    """A pipeline that reads `topics` into `s3://<bucket>/lake` in both modes, with recovery in tmp_path."""
+    settings = dict(
+        CDC_KAFKA_BROKERS=brokers,
+        CDC_TOPICS=",".join(topics),
+        CDC_LAKE_URI=f"s3://{bucket}/lake",
+        CDC_TABLE_MODE="both",
+        CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
+        CDC_RECOVERY_DIR=str(tmp_path / "recovery"),
+        CDC_BATCH_MAX_ROWS="4000",
+        CDC_BATCH_MAX_SECONDS="1",
+        CDC_SNAPSHOT_SECONDS="2",
+        CDC_LOG_LEVEL="INFO",
+        CDC_BREAKER_RESET_SECONDS="5",
+        CDC_RETRY_MAX_SECONDS="4",
+        **s3_env,
+    )
+    return pipeline_env(**(settings | extra))
+
+
 class Model:
     """The collections' expected state, computed from the generator's logical changes alone."""
 

@@ -14,26 +14,14 @@ import time
 import pytest
 
 from dataflow.generate import Generator, produce
-from tests.harness import Model, PipelineProcess, assert_table_matches, pipeline_env, table_rows
+from tests import harness
+from tests.harness import Model, PipelineProcess, assert_table_matches, table_rows
 
 pytestmark = pytest.mark.integration
 
 
 def lake_env(kafka, s3, gen: Generator, bucket: str, tmp_path, **extra: str) -> dict[str, str]:
-    settings = dict(
-        CDC_KAFKA_BROKERS=kafka.bootstrap,
-        CDC_TOPICS=",".join(gen.topics),
-        CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
-        CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
-        CDC_RECOVERY_DIR=str(tmp_path / "recovery"),
-        CDC_BATCH_MAX_ROWS="4000",
-        CDC_BATCH_MAX_SECONDS="1",
-        CDC_SNAPSHOT_SECONDS="2",
-        CDC_LOG_LEVEL="INFO",
-        **s3.env,
-    )
-    return pipeline_env(**(settings | extra))
+    return harness.lake_env(kafka.bootstrap, s3.env, gen.topics, bucket, tmp_path, **extra)
 
 
 def assert_exactly_once(model: Model, gen: Generator, bucket: str, so: dict[str, str]) -> dict[str, int]:

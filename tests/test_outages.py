@@ -15,7 +15,7 @@ import pytest
 from dataflow.generate import Generator, Message, produce
 from dataflow.model import Reason
 from tests.faults import FaultProxy
-from tests.harness import Model, PipelineProcess, assert_table_matches, pipeline_env, table_rows
+from tests.harness import Model, PipelineProcess, assert_table_matches, lake_env, table_rows
 from tests.test_crash_recovery import assert_exactly_once
 from tests.test_pipeline import read_dlq
 
@@ -24,21 +24,9 @@ REPORT = Path(__file__).resolve().parent.parent / ".cache" / "reports"
 
 
 def env_for(kafka, s3_env: dict, gen: Generator, bucket: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    settings = dict(
-        CDC_KAFKA_BROKERS=kafka.bootstrap,
-        CDC_TOPICS=",".join(gen.topics),
-        CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
-        CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
-        CDC_RECOVERY_DIR=str(tmp_path / "recovery"),
-        CDC_BATCH_MAX_ROWS="2000",
-        CDC_BATCH_MAX_SECONDS="1",
-        CDC_LOG_LEVEL="INFO",
-        CDC_BREAKER_RESET_SECONDS="5",
-        CDC_RETRY_MAX_SECONDS="4",
-        **s3_env,
+    return lake_env(
+        kafka.bootstrap, s3_env, gen.topics, bucket, tmp_path, **({"CDC_BATCH_MAX_ROWS": "2000"} | extra)
     )
-    return pipeline_env(**(settings | extra))
 
 
 class PeakRss:
