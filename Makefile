@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-## install: Python packages, Kafka jars (Maven) and MinIO (go install), all cached
+## install: Python packages, Kafka jars (Maven), MinIO (go install), promtool (apt), all cached
 install: $(VENV)/.installed
 	$(PY) -m services install
+	bash .ci/install-promtool
 
 ## services: start Kafka and MinIO in the background; writes .services.env
 services: install
@@ -42,6 +43,14 @@ demo: $(VENV)/.installed
 	CDC_KAFKA_BROKERS= CDC_LAKE_URI=./data/lake CDC_DLQ_FALLBACK=./data/dlq/fallback.jsonl \
 	  CDC_LOG_LEVEL=ERROR CDC_LOG_FORMAT=text \
 	  $(PY) -m bytewax.run dataflow.main:flow
+
+EVENTS ?= 1000000
+BENCH_ARGS ?=
+
+## bench: floor vs hand-written baseline vs this pipeline, and latency; EVENTS=..., BENCH_ARGS=...
+bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench --events $(EVENTS) $(BENCH_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -96,3 +96,16 @@ DLQ_WRITE_FAILURES = Counter(
 DLQ_FALLBACK_WRITES = Counter(
     "dlq_fallback_writes_total", "Dead letters written to the local fallback file, by cause", ["cause"]
 )
+
+
+def _precreate() -> None:
+    """Create labelled series at zero, so rate() and increase() see their first increment."""
+    from dataflow.model import Reason
+
+    for reason in Reason:
+        DLQ_EVENTS.labels(str(reason))
+    for cause in ("rate_limited", "no_broker", "topic_unavailable", "delivery_failed"):
+        DLQ_FALLBACK_WRITES.labels(cause)
+
+
+_precreate()
