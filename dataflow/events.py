@@ -371,9 +371,13 @@ def _debezium(msg: Any, value: bytes, p: dict) -> tuple[ChangeEvent, str | None]
     key_id: str | None = None
     if doc is not None and "_id" in doc:
         id_value = doc["_id"]
-        k = _key_id(msg, required=False)
-        if k is not _MISSING:
-            key_id = extjson.id_text(k)
+        key = _as_bytes(_attr(msg, "key"))
+        # Fast path (most events): an ObjectId or long string _id whose text appears in the key
+        # agrees with it; decoding the key as well would cost as much as the document's _id.
+        if not (type(id_value) is str and len(id_value) >= 12 and key and id_value.encode() in key):
+            k = _key_id(msg, required=False)
+            if k is not _MISSING:
+                key_id = extjson.id_text(k)
     else:
         filt = p.get("filter")  # legacy 1.x: '{"_id": ...}', the fallback for an unreadable key
         id_value = _key_id(msg, required=filt is None)

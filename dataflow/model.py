@@ -49,10 +49,11 @@ class ChangeEvent:
     # Delta refuses later can still be dead-lettered with its original bytes.
     raw_key: bytes | None = None
     raw_value: bytes | None = None
+    table: str = field(init=False, default="")
 
-    @property
-    def table(self) -> str:
-        return f"{self.db}.{self.collection}"
+    def __post_init__(self) -> None:
+        # Stored, not a property: read per event by the keying, the metrics and the sink.
+        self.table = f"{self.db}.{self.collection}"
 
     @property
     def seq(self) -> int:

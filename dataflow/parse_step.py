@@ -8,6 +8,7 @@ tombstones, which are counted and skipped.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import bytewax.operators as op
@@ -27,18 +28,34 @@ class ParseOut:
     dead: Stream[DeadLetter]
 
 
-def _parse_one(msg: KafkaSourceMessage | KafkaError, max_bytes: int) -> ChangeEvent | DeadLetter | None:
-    if isinstance(msg, KafkaError):
-        # Consumer-side errors (a broker restarting, say); librdkafka reconnects by itself.
-        log.warning("Kafka consumer error: %s", msg.err)
-        return None
-    EVENTS_IN.labels(msg.topic).inc()
-    result = parse(msg, max_bytes=max_bytes)
-    if result is None:
-        TOMBSTONES.labels(msg.topic).inc()
-    elif isinstance(result, ChangeEvent):
-        EVENTS_PARSED.labels(result.table, result.op).inc()
-    return result
+def _parse_batch(
+    msgs: list[KafkaSourceMessage | KafkaError], max_bytes: int
+) -> list[ChangeEvent | DeadLetter]:
+    """Parse a batch at a time: one Python call per batch, and metrics counted once per batch."""
+    out: list[ChangeEvent | DeadLetter] = []
+    read: Counter[str] = Counter()
+    tombstones: Counter[str] = Counter()
+    parsed: Counter[tuple[str, str]] = Counter()
+    for msg in msgs:
+        if isinstance(msg, KafkaError):
+            # Consumer-side errors (a broker restarting, say); librdkafka reconnects by itself.
+            log.warning("Kafka consumer error: %s", msg.err)
+            continue
+        read[msg.topic] += 1
+        result = parse(msg, max_bytes=max_bytes)
+        if result is None:
+            tombstones[msg.topic] += 1
+            continue
+        if type(result) is ChangeEvent:
+            parsed[(result.table, result.op)] += 1
+        out.append(result)
+    for topic, n in read.items():
+        EVENTS_IN.labels(topic).inc(n)
+    for topic, n in tombstones.items():
+        TOMBSTONES.labels(topic).inc(n)
+    for (table, op_name), n in parsed.items():
+        EVENTS_PARSED.labels(table, op_name).inc(n)
+    return out
 
 
 @operator
@@ -46,6 +63,6 @@ def parse_events(
     step_id: str, up: Stream[KafkaSourceMessage], *, max_bytes: int = 16 * 1024 * 1024
 ) -> ParseOut:
     """Decode Kafka messages into change events; branch the failures off as dead letters."""
-    parsed = op.filter_map("parse", up, lambda m: _parse_one(m, max_bytes))
-    split = op.branch("split", parsed, lambda x: isinstance(x, ChangeEvent))
+    parsed = op.flat_map_batch("parse", up, lambda msgs: _parse_batch(msgs, max_bytes))
+    split = op.branch("split", parsed, lambda x: type(x) is ChangeEvent)
     return ParseOut(split.trues, split.falses)
