@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from dataflow.events import parse
 from dataflow.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
 from dataflow.model import ChangeEvent
 
@@ -36,13 +38,47 @@ class Batch:
     opened_at: float = 0.0  # wall-clock seconds; survives a restart through the snapshot
 
 
-class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, Batch]):
+@dataclass
+class BatchSnapshot:
+    """An open batch as the recovery store keeps it: the messages' own bytes, not decoded events.
+
+    Bytes pickle about five times faster than decoded documents, and the
+    snapshot is taken every few seconds; restoring decodes them again.
+    """
+
+    table: str
+    opened_at: float
+    messages: list[tuple[str, int, int, bytes | None, bytes | None, int, int]]
+
+    @classmethod
+    def of(cls, batch: Batch) -> BatchSnapshot:
+        return cls(
+            batch.table,
+            batch.opened_at,
+            [(e.topic, e.partition, e.offset, e.raw_key, e.raw_value, e.ts_ms, e.ord) for e in batch.events],
+        )
+
+    def restore(self) -> Batch:
+        batch = Batch(self.table, opened_at=self.opened_at)
+        for topic, partition, offset, key, value, ts_ms, ord_ in self.messages:
+            ev = parse(KafkaSourceMessage(key, value, topic=topic, partition=partition, offset=offset))
+            if type(ev) is not ChangeEvent:  # it decoded before the crash; it must again
+                raise RuntimeError(
+                    f"snapshot of {self.table} holds {topic}:{partition}@{offset}, which no longer decodes"
+                )
+            ev.ts_ms, ev.ord = ts_ms, ord_  # as first decoded (they may come from the message timestamp)
+            batch.events.append(ev)
+            batch.nbytes += ev.size
+        return batch
+
+
+class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
     """Holds one table's open batch."""
 
-    def __init__(self, limits: BatchLimits, resume: Batch | None = None, clock=time.time) -> None:
+    def __init__(self, limits: BatchLimits, resume: BatchSnapshot | None = None, clock=time.time) -> None:
         self.limits = limits
         self.clock = clock
-        self.open = resume if resume is not None else Batch("")
+        self.open = resume.restore() if resume is not None else Batch("")
 
     def _close(self) -> list[Batch]:
         if not self.open.events:
@@ -78,8 +114,8 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, Batch]):
             return None
         return datetime.fromtimestamp(self.open.opened_at, UTC) + timedelta(seconds=self.limits.max_seconds)
 
-    def snapshot(self) -> Batch:
-        return self.open
+    def snapshot(self) -> BatchSnapshot:
+        return BatchSnapshot.of(self.open)
 
 
 @operator

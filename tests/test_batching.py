@@ -5,10 +5,13 @@ from __future__ import annotations
 import pickle
 
 import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from dataflow.batching import Batch, BatchLimits, TableBatcher, batch_by_table
+from dataflow.events import parse
+from dataflow.generate import Generator
 from dataflow.model import ChangeEvent
 
 
@@ -30,7 +33,7 @@ def test_closes_at_max_rows() -> None:
     logic = TableBatcher(BatchLimits(max_rows=3, max_bytes=10**9, max_seconds=60), clock=Clock())
     out, _ = logic.on_batch([ev(i) for i in range(7)])
     assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2], [3, 4, 5]]
-    assert [e.offset for e in logic.snapshot().events] == [6]
+    assert [e.offset for e in logic.open.events] == [6]
 
 
 def test_closes_at_max_bytes() -> None:
@@ -50,7 +53,7 @@ def test_deadline_counts_from_the_first_event_not_the_last() -> None:
         clock.now += 1.0
     # op.collect's timeout would restart on every item and never fire here.
     assert [len(b.events) for b in emitted] == [6, 6]
-    assert logic.notify_at() is None or logic.snapshot().events == []
+    assert logic.notify_at() is None or logic.open.events == []
 
 
 def test_notify_at_is_first_event_plus_max_seconds() -> None:
@@ -68,14 +71,24 @@ def test_notify_at_is_first_event_plus_max_seconds() -> None:
 
 
 def test_open_batch_survives_a_snapshot_round_trip() -> None:
+    gen = Generator(collections=1, seed=5, doc_bytes=300)
+    msgs = [m for m in gen.messages(40) if m.value is not None]
+    events = [
+        parse(KafkaSourceMessage(m.key, m.value, topic=m.topic, partition=1, offset=i))
+        for i, m in enumerate(msgs)
+    ]
     clock = Clock()
-    logic = TableBatcher(BatchLimits(max_rows=10, max_bytes=10**9, max_seconds=5), clock=clock)
-    logic.on_batch([ev(0), ev(1)])
+    logic = TableBatcher(BatchLimits(max_rows=100, max_bytes=10**9, max_seconds=5), clock=clock)
+    logic.on_batch(events)
     state = pickle.loads(pickle.dumps(logic.snapshot()))
-    resumed = TableBatcher(BatchLimits(max_rows=10, max_bytes=10**9, max_seconds=5), state, clock=clock)
+    resumed = TableBatcher(BatchLimits(max_rows=100, max_bytes=10**9, max_seconds=5), state, clock=clock)
     assert resumed.notify_at() == logic.notify_at()
     out, _ = resumed.on_eof()
-    assert [e.offset for e in out[0].events] == [0, 1]
+    got = out[0].events
+    assert [(e.offset, e.id, e.op, e.doc, e.updated, e.seq) for e in got] == [
+        (e.offset, e.id, e.op, e.doc, e.updated, e.seq) for e in events
+    ]
+    assert out[0].nbytes == sum(e.size for e in events)
 
 
 def test_dataflow_batches_per_table_and_flushes_at_eof() -> None:
