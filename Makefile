@@ -13,10 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-## install: Python packages, Kafka jars (Maven), MinIO (go install), promtool (apt), all cached
+## install: Python packages, Kafka jars (Maven), MinIO (go install), promtool (apt), and the
+## offline manifest validators (kubeconform + schemas, docker compose), all cached
 install: $(VENV)/.installed
 	$(PY) -m services install
 	bash .ci/install-promtool
+	bash .ci/install-kubeconform >/dev/null
 
 ## services: start Kafka and MinIO in the background; writes .services.env
 services: install

@@ -77,6 +77,7 @@ def prepare(directory: str | Path, *, partitions: int, fingerprint: dict) -> str
                 f"pipeline then resumes every partition from the offsets committed in the Delta tables."
             )
     if has_files and not (problems := _problems(directory)):
+        meta.write_bytes(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS))  # fresh: "ready in this run"
         return "resumed"
     if has_files:
         aside = directory.with_name(f"{directory.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -103,10 +104,17 @@ def prepare(directory: str | Path, *, partitions: int, fingerprint: dict) -> str
     return state
 
 
-def wait_ready(directory: str | Path, timeout: float) -> None:
-    """For processes other than 0: wait until process 0 has prepared a shared store."""
+def wait_ready(directory: str | Path, timeout: float, started: float | None = None) -> None:
+    """For processes other than 0: wait until process 0 has prepared a shared store in this run.
+
+    Process 0 rewrites the fingerprint at every start, after any repair, so a
+    fingerprint older than this process (less a minute of start-up skew) is a
+    previous run's and is not trusted yet.
+    """
+    started = time.time() if started is None else started
+    meta = Path(directory) / FINGERPRINT
     deadline = time.monotonic() + timeout
-    while not (Path(directory) / FINGERPRINT).exists():
+    while not (meta.exists() and meta.stat().st_mtime >= started - 60):
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"recovery store at {directory} was not prepared by process 0 in {timeout:.0f}s"

@@ -1,0 +1,662 @@
+"""The deployment files: Kubernetes manifests, docker-compose.yml, the Debezium connector config.
+
+Validation is offline. `.ci/install-kubeconform` installs into .cache/:
+kubeconform (Go module), the Kubernetes JSON schemas (from the
+`kubernetes-validate` wheel on PyPI), validators generated from the
+prometheus-operator CRDs plus a YAML parser (npm), and docker compose if the
+docker CLI lacks it. These tests fail, never skip, when a tool is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bytewax.connectors.kafka import KafkaSourceMessage
+
+from dataflow.events import parse
+from dataflow.model import ChangeEvent
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+COMPOSE = ROOT / "docker-compose.yml"
+CONNECTOR = ROOT / "deploy" / "debezium-mongodb.json"
+ALERTS = ROOT / "monitoring" / "prometheus" / "alerts.yml"
+CRD_KINDS = ("PrometheusRule", "ServiceMonitor")
+CORE_KINDS = {"ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "StatefulSet", "PodDisruptionBudget"}
+
+
+# --- tools -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, str]:
+    """Run the (idempotent) installer and return the paths it exports."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "install-kubeconform")], capture_output=True, text=True, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        pytest.fail(f".ci/install-kubeconform failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    env: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export ") :].partition("=")
+            env[name] = shlex.split(value)[0]
+    for name in (
+        "KUBECONFORM",
+        "KUBECONFORM_SCHEMA_LOCATION",
+        "KUBERNETES_SCHEMA_VERSION",
+        "MANIFEST_NODE_DIR",
+    ):
+        assert name in env, f".ci/install-kubeconform did not export {name}: {proc.stdout}"
+    assert Path(env["KUBECONFORM"]).is_file(), env["KUBECONFORM"]
+    return env
+
+
+def run(args: list[str], *, stdin: str | None = None, cwd: Path = ROOT, env: dict | None = None):
+    return subprocess.run(
+        args, input=stdin, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}
+    )
+
+
+def node(tools: dict[str, str], code: str, stdin: str) -> Any:
+    """Run an ES module snippet in the npm folder (so its imports resolve); its stdout is JSON."""
+    assert shutil.which("node"), "node is not on PATH"
+    proc = run(["node", "--input-type=module", "-e", code], stdin=stdin, cwd=Path(tools["MANIFEST_NODE_DIR"]))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+YAML_TO_JSON = """
+import yaml from "js-yaml";
+import { readFileSync } from "node:fs";
+console.log(JSON.stringify(yaml.loadAll(readFileSync(0, "utf8")).filter((d) => d != null)));
+"""
+
+
+def load_yaml(tools: dict[str, str], text: str) -> list[Any]:
+    """All documents of a YAML stream (js-yaml: the venv has no PyYAML)."""
+    return node(tools, YAML_TO_JSON, text)
+
+
+def manifest_files() -> list[Path]:
+    files = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert files, "no manifests in k8s/"
+    return files
+
+
+def rendered(tools: dict[str, str]) -> str:
+    """`kubectl kustomize k8s/` (what `kubectl apply -k` sends), or standalone kustomize."""
+    if shutil.which("kubectl"):
+        proc = run(["kubectl", "kustomize", str(K8S)])
+    elif shutil.which("kustomize"):
+        proc = run(["kustomize", "build", str(K8S)])
+    else:
+        pytest.fail("neither kubectl nor kustomize is on PATH: cannot render k8s/kustomization.yaml")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def kubeconform(tools: dict[str, str], paths: list[str], stdin: str | None = None) -> dict:
+    args = [
+        tools["KUBECONFORM"],
+        "-strict",
+        "-summary",
+        "-output",
+        "json",
+        "-verbose",
+        "-kubernetes-version",
+        tools["KUBERNETES_SCHEMA_VERSION"],
+        "-schema-location",
+        tools["KUBECONFORM_SCHEMA_LOCATION"],
+        # No core schema for these: validated by test_crd_resources_validate instead.
+        "-skip",
+        ",".join(CRD_KINDS),
+        *paths,
+    ]
+    proc = run(args, stdin=stdin)
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"kubeconform printed no JSON (rc {proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    report["returncode"] = proc.returncode
+    return report
+
+
+# --- Kubernetes: schemas -----------------------------------------------------------
+
+
+def test_manifests_validate_against_kubernetes_schemas(tools) -> None:
+    report = kubeconform(tools, [str(p) for p in manifest_files()])
+    problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
+    assert not problems, json.dumps(problems, indent=2)
+    assert report["returncode"] == 0
+    valid = {r["kind"] for r in report["resources"] if r["status"] == "statusValid"}
+    skipped = {r["kind"] for r in report["resources"] if r["status"] == "statusSkipped"}
+    assert valid == CORE_KINDS, valid
+    assert skipped <= set(CRD_KINDS), skipped
+
+
+def test_kustomize_output_validates(tools) -> None:
+    report = kubeconform(tools, ["-"], stdin=rendered(tools))
+    problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
+    assert not problems, json.dumps(problems, indent=2)
+    assert report["summary"]["valid"] == 7 and report["summary"]["skipped"] == 2, report["summary"]
+
+
+def test_kubeconform_rejects_an_invalid_manifest(tools, tmp_path) -> None:
+    """A control: the local schemas are really loaded and strict (not silently skipped)."""
+    bad = (
+        (K8S / "statefulset.yaml")
+        .read_text()
+        .replace(
+            "      terminationGracePeriodSeconds: 90",
+            "      terminationGracePeriodSeconds: 90\n      notAField: 1",
+        )
+    )
+    bad = bad.replace("containerPort: 2101", 'containerPort: "comm-port"')
+    (tmp_path / "bad.yaml").write_text(bad)
+    report = kubeconform(tools, [str(tmp_path / "bad.yaml")])
+    [result] = report["resources"]
+    assert result["status"] == "statusInvalid", result
+    # kubeconform reports nested causes in `msg` (validationErrors only has the top one).
+    assert "additional properties 'notAField' not allowed" in result["msg"], result["msg"]
+    assert "containerPort': got string, want integer" in result["msg"], result["msg"]
+
+
+CRD_VALIDATE = """
+import yaml from "js-yaml";
+import { readFileSync } from "node:fs";
+import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
+import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
+const models = { PrometheusRule, ServiceMonitor };
+const out = [];
+for (const doc of yaml.loadAll(readFileSync(0, "utf8"))) {
+  if (!doc || !(doc.kind in models)) continue;
+  try {
+    new models[doc.kind](doc).validate();
+    out.push({ kind: doc.kind, name: doc.metadata?.name, error: null });
+  } catch (e) {
+    out.push({ kind: doc.kind, name: doc.metadata?.name, error: String(e.message ?? e) });
+  }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_crd_resources_validate(tools) -> None:
+    """PrometheusRule and ServiceMonitor, against validators generated from the operator's CRD schemas."""
+    results = node(tools, CRD_VALIDATE, rendered(tools))
+    assert sorted(r["kind"] for r in results) == sorted(CRD_KINDS), results
+    assert all(r["error"] is None for r in results), results
+
+
+def test_crd_validator_rejects_an_invalid_rule(tools) -> None:
+    bad = """
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata: {name: bad}
+spec:
+  groups:
+    - rules:
+        - alert: NoExpr
+          for: five minutes
+"""
+    [result] = node(tools, CRD_VALIDATE, bad)
+    assert result["error"] and "name" in result["error"] and "expr" in result["error"], result
+
+
+# --- Kubernetes: the PrometheusRule is alerts.yml ----------------------------------------
+
+
+def generator():
+    """k8s/gen-prometheusrule.py as a module (its file name is not importable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_prometheusrule", K8S / "gen-prometheusrule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prometheusrule_is_generated_from_alerts_yml() -> None:
+    gen = generator()
+    assert (K8S / "prometheusrule.yaml").read_text() == gen.render(ALERTS.read_text()), (
+        "k8s/prometheusrule.yaml is stale: run python k8s/gen-prometheusrule.py"
+    )
+
+
+def test_prometheusrule_groups_equal_alerts_yml_groups(tools) -> None:
+    [alerts] = load_yaml(tools, ALERTS.read_text())
+    [rule] = load_yaml(tools, (K8S / "prometheusrule.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule" and rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(alerts) == {"groups"} and alerts["groups"], alerts
+    assert rule["spec"] == alerts
+
+
+def test_generator_refuses_what_it_cannot_embed() -> None:
+    gen = generator()
+    with pytest.raises(gen.UnsupportedRuleFile):
+        gen.render("---\ngroups: []\n")
+    with pytest.raises(gen.UnsupportedRuleFile):
+        gen.render("groups: []\nextra: 1\n")
+
+
+# --- Kubernetes: the cluster wiring ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resources(tools) -> dict[str, dict]:
+    docs = load_yaml(tools, rendered(tools))
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def test_statefulset_wiring(resources) -> None:
+    sts = resources["StatefulSet/cdc-pipeline"]
+    config = resources["ConfigMap/cdc-pipeline-config"]["data"]
+    pod = sts["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["serviceName"] == "cdc-pipeline"
+    assert int(env["CDC_PROCESSES"]["value"]) == sts["spec"]["replicas"] == 2
+    # Draining after SIGTERM must finish before Kubernetes sends SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] > float(config["CDC_SHUTDOWN_GRACE_SECONDS"]) + 10
+    assert sts["spec"]["replicas"] <= int(config["CDC_RECOVERY_PARTITIONS"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"comm": 2101, "api": 3030}
+    headless = resources["Service/cdc-pipeline"]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    assert [p["port"] for p in headless["ports"]] == [2101]
+    assert [p["port"] for p in resources["Service/cdc-pipeline-metrics"]["spec"]["ports"]] == [3030]
+    # Probes use paths Bytewax 0.21's API serves, and the API is switched on.
+    assert env["BYTEWAX_DATAFLOW_API_ENABLED"]["value"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] in ("/dataflow", "/metrics")
+        assert container[probe]["httpGet"]["port"] == "api"
+    # Credentials only from the Secret.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "cdc-pipeline-s3", "key": key}
+        assert key not in config
+    assert set(resources["Secret/cdc-pipeline-s3"]["stringData"]) == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+
+
+def test_pod_security(resources) -> None:
+    pod = resources["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "cdc-pipeline-data"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_recovery_volume_is_shared(resources) -> None:
+    """Process 0 creates every recovery partition; the others wait for it in the same directory."""
+    pvc = resources["PersistentVolumeClaim/cdc-pipeline-data"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "volumeClaimTemplates" not in resources["StatefulSet/cdc-pipeline"]["spec"]
+    assert resources["ConfigMap/cdc-pipeline-config"]["data"]["CDC_RECOVERY_DIR"].startswith("/data/")
+    [container] = resources["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    # One DLQ fallback file per process on the shared volume.
+    assert env["CDC_DLQ_FALLBACK"]["value"] == "/data/dlq/$(POD_NAME).jsonl"
+    assert list(env).index("POD_NAME") < list(env).index("CDC_DLQ_FALLBACK")
+
+
+def k8s_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of command/args: `$$` → `$`, known `$(VAR)` → value."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, text)
+
+
+@pytest.mark.parametrize("ordinal", [0, 1])
+def test_pod_command_builds_the_cluster_arguments(resources, tmp_path, ordinal) -> None:
+    [container] = resources["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["/bin/sh", "-c"]
+    env = {"CDC_PROCESSES": "2", "POD_NAMESPACE": "data-eng", "HOSTNAME": f"cdc-pipeline-{ordinal}"}
+    script = k8s_expand(container["args"][0], env)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    proc = run(["/bin/sh", "-c", script], env={**env, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "-m",
+        "dataflow",
+        "-i",
+        str(ordinal),
+        "-a",
+        "cdc-pipeline-0.cdc-pipeline.data-eng.svc:2101;cdc-pipeline-1.cdc-pipeline.data-eng.svc:2101",
+    ]
+
+
+def test_pdb_allows_one_disruption(resources) -> None:
+    spec = resources["PodDisruptionBudget/cdc-pipeline"]["spec"]
+    assert spec["maxUnavailable"] == 1
+    assert spec["selector"] == resources["StatefulSet/cdc-pipeline"]["spec"]["selector"]
+
+
+# --- docker compose ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose_env(tools) -> dict[str, str]:
+    return {"DOCKER_CONFIG": tools["DOCKER_CONFIG"]} if "DOCKER_CONFIG" in tools else {}
+
+
+def test_compose_config_is_valid(compose_env) -> None:
+    assert shutil.which("docker"), "the docker CLI is not on PATH"
+    proc = run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=compose_env)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def compose(compose_env) -> dict:
+    proc = run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"], env=compose_env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_start_order_and_pipeline_settings(compose) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        for dep, how in service.get("depends_on", {}).items():
+            assert dep in services, (name, dep)
+            if services[dep].get("restart") == "no":  # one-shot init jobs
+                assert how["condition"] == "service_completed_successfully", (name, dep)
+    pipeline = services["cdc-pipeline"]
+    assert set(pipeline["depends_on"]) >= {"kafka-init", "connect-init", "minio-init"}
+    assert services["connect"]["depends_on"]["mongo"]["condition"] == "service_healthy"
+    assert services["connect"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    env = pipeline["environment"]
+    assert env["CDC_KAFKA_BROKERS"] == "kafka:9092"
+    assert env["CDC_TOPIC_PATTERN"] == r"cdc\.shop\..*"
+    assert env["CDC_LAKE_URI"] == "s3://lake/cdc"
+    assert env["BYTEWAX_DATAFLOW_API_ENABLED"]
+    assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]  # from deploy/compose.env.example
+    assert any(v["target"] == "/data" for v in pipeline["volumes"])
+    grace = float(env.get("CDC_SHUTDOWN_GRACE_SECONDS", 60))
+    assert _seconds(pipeline["stop_grace_period"]) > grace
+    for name in ("mongo", "kafka", "connect", "minio", "cdc-pipeline"):
+        assert services[name].get("healthcheck", {}).get("test"), name
+    mounts = {v["source"] for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
+    mounts |= {v["source"] for v in services["grafana"]["volumes"] if v["type"] == "bind"}
+    for path in (
+        "monitoring/prometheus/prometheus.yml",
+        "monitoring/prometheus/alerts.yml",
+        "monitoring/grafana/provisioning",
+        "monitoring/grafana/cdc-pipeline.json",
+    ):
+        assert str(ROOT / path) in mounts, path
+
+
+def _seconds(duration: str) -> float:
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)(h|ms|m|s|us|ns)", duration):
+        total += float(value) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit]
+    return total
+
+
+# --- every image pinned ---------------------------------------------------------------
+
+
+def pinned(image: str) -> bool:
+    """An explicit tag that is not `latest`, or a digest."""
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.rpartition(":")
+    return bool(name) and "/" not in tag and tag not in ("", "latest")
+
+
+def test_pinned_helper() -> None:
+    assert pinned("apache/kafka:3.9.1") and pinned("localhost:5000/x:1.0") and pinned("x@sha256:" + "a" * 64)
+    assert not pinned("mongo") and not pinned("mongo:latest") and not pinned("localhost:5000/x")
+
+
+def test_every_image_is_pinned(tools, compose, resources) -> None:
+    images = {f"compose {n}": s["image"] for n, s in compose["services"].items() if "image" in s}
+    assert not [n for n, s in compose["services"].items() if "image" not in s], "a service without image"
+    for key, res in resources.items():
+        pod = res.get("spec", {}).get("template", {}).get("spec")
+        for container in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
+            images[f"k8s {key} {container['name']}"] = container["image"]
+    # The raw files too (what `kubectl apply -f` would send, without kustomize's images:).
+    for path in manifest_files():
+        for doc in load_yaml(tools, path.read_text()):
+            pod = doc.get("spec", {}).get("template", {}).get("spec") or {}
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                images[f"{path.name} {container['name']}"] = container["image"]
+    assert len(images) >= 12, images
+    unpinned = {k: v for k, v in images.items() if not pinned(v)}
+    assert not unpinned, unpinned
+
+
+def test_dockerfile_base_is_pinned() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    [base] = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms and all(f == "${PYTHON_IMAGE}" for f in froms), froms
+    assert re.search(r"^USER 10001(:10001)?$", text, re.M)
+    assert 'ENTRYPOINT ["python", "-m", "dataflow"]' in text
+    assert re.search(r"^EXPOSE 3030$", text, re.M)
+    assert re.search(r"pip install \.(\s|$)", text) and "[dev]" not in text
+
+
+# --- the Debezium connector config and our parser ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def connector() -> dict[str, str]:
+    doc = json.loads(CONNECTOR.read_text())
+    assert doc["name"] == "mongodb-shop"
+    return doc["config"]
+
+
+def test_connector_settings_are_the_documented_ones(connector) -> None:
+    assert connector["connector.class"] == "io.debezium.connector.mongodb.MongoDbConnector"
+    assert connector["topic.prefix"] == "cdc"
+    assert connector["capture.mode"] == "change_streams_update_full"
+    assert connector["tombstones.on.delete"] == "true"
+    for side in ("key", "value"):
+        assert connector[f"{side}.converter"] == "org.apache.kafka.connect.json.JsonConverter"
+        assert connector[f"{side}.converter.schemas.enable"] == "true"
+    assert connector["mongodb.connection.string"].startswith("mongodb://mongo:27017/")
+    assert "replicaSet=rs0" in connector["mongodb.connection.string"]
+    # The topics it writes (`<prefix>.<db>.<collection>`) are the ones the pipeline reads.
+    include = re.compile(connector["collection.include.list"])
+    assert include.fullmatch("shop.orders") and not include.fullmatch("shopping.orders")
+    assert all(isinstance(v, str) for v in connector.values())  # Connect's REST API wants strings
+
+
+def _wrap(schema: dict, payload: Any, schemas_enable: bool) -> bytes:
+    """What Kafka Connect's JsonConverter writes with schemas.enable true/false."""
+    return json.dumps({"schema": schema, "payload": payload} if schemas_enable else payload).encode()
+
+
+SOURCE_SCHEMA = {
+    "type": "struct",
+    "optional": False,
+    "name": "io.debezium.connector.mongo.Source",
+    "fields": [
+        {"type": "string", "optional": False, "field": "version"},
+        {"type": "string", "optional": False, "field": "connector"},
+        {"type": "string", "optional": False, "field": "name"},
+        {"type": "int64", "optional": False, "field": "ts_ms"},
+        {"type": "string", "optional": True, "field": "snapshot", "default": "false"},
+        {"type": "string", "optional": False, "field": "db"},
+        {"type": "string", "optional": True, "field": "sequence"},
+        {"type": "int64", "optional": True, "field": "ts_us"},
+        {"type": "int64", "optional": True, "field": "ts_ns"},
+        {"type": "string", "optional": False, "field": "collection"},
+        {"type": "int32", "optional": False, "field": "ord"},
+        {"type": "string", "optional": True, "field": "lsid"},
+        {"type": "int64", "optional": True, "field": "txnNumber"},
+        {"type": "int64", "optional": True, "field": "wallTime"},
+    ],
+}
+
+
+def debezium_message(
+    connector: dict[str, str], *, op: str, doc: dict | None, oid: str, offset: int, update: dict | None = None
+) -> KafkaSourceMessage:
+    """A Debezium 2.7 MongoDB connector record for shop.orders, as `connector` would emit it."""
+    prefix = connector["topic.prefix"]
+    topic = f"{prefix}.shop.orders"
+    schemas = connector["value.converter.schemas.enable"] == "true"
+    key_schemas = connector["key.converter.schemas.enable"] == "true"
+    key_schema = {
+        "type": "struct",
+        "optional": False,
+        "name": f"{topic}.Key",
+        "fields": [{"type": "string", "optional": False, "field": "id"}],
+    }
+    key = _wrap(key_schema, {"id": json.dumps({"$oid": oid})}, key_schemas)
+    json_string = {
+        "type": "string",
+        "optional": True,
+        "name": "io.debezium.data.Json",
+        "version": 1,
+        "field": "",
+    }
+    value_schema = {
+        "type": "struct",
+        "optional": False,
+        "name": f"{topic}.Envelope",
+        "version": 1,
+        "fields": [
+            {**json_string, "field": "before"},
+            {**json_string, "field": "after"},
+            {
+                "type": "struct",
+                "optional": True,
+                "name": "io.debezium.connector.mongodb.changestream.updatedescription",
+                "version": 1,
+                "field": "updateDescription",
+                "fields": [
+                    {
+                        "type": "array",
+                        "items": {"type": "string", "optional": False},
+                        "optional": True,
+                        "field": "removedFields",
+                    },
+                    {**json_string, "field": "updatedFields"},
+                    {
+                        "type": "array",
+                        "optional": True,
+                        "field": "truncatedArrays",
+                        "items": {"type": "struct", "optional": False, "fields": []},
+                    },
+                ],
+            },
+            {**SOURCE_SCHEMA, "field": "source"},
+            {"type": "string", "optional": True, "field": "op"},
+            {"type": "int64", "optional": True, "field": "ts_ms"},
+            {
+                "type": "struct",
+                "optional": True,
+                "name": "event.block",
+                "version": 1,
+                "field": "transaction",
+                "fields": [],
+            },
+        ],
+    }
+    ts_ms = 1_732_000_000_000 + offset
+    payload = {
+        "before": None,
+        # change_streams_update_full: `after` is the whole current document, as an Extended JSON string.
+        "after": None if doc is None else json.dumps(doc),
+        "updateDescription": update,
+        "source": {
+            "version": "2.7.3.Final",
+            "connector": "mongodb",
+            "name": prefix,
+            "ts_ms": ts_ms,
+            "snapshot": "false",
+            "db": "shop",
+            "sequence": None,
+            "ts_us": ts_ms * 1000,
+            "ts_ns": ts_ms * 1_000_000,
+            "collection": "orders",
+            "ord": 1,
+            "lsid": None,
+            "txnNumber": None,
+            "wallTime": ts_ms,
+        },
+        "op": op,
+        "ts_ms": ts_ms + 5,
+        "transaction": None,
+    }
+    return KafkaSourceMessage(
+        key=key, value=_wrap(value_schema, payload, schemas), topic=topic, partition=0, offset=offset
+    )
+
+
+OID = "6740f0c2a1b2c3d4e5f60718"
+ORDER = {
+    "_id": {"$oid": OID},
+    "customer": "ada",
+    "qty": 3,
+    "price": {"$numberDecimal": "19.90"},
+    "created": {"$date": "2024-11-19T08:00:00Z"},
+    "items": [{"sku": "A-1", "n": 2}],
+}
+
+
+def test_connector_insert_parses_to_a_change_event(connector) -> None:
+    assert connector["topic.prefix"] + ".shop.orders" == "cdc.shop.orders"
+    assert re.fullmatch(r"cdc\.shop\..*", "cdc.shop.orders")  # the compose/k8s CDC_TOPIC_PATTERN
+    ev = parse(debezium_message(connector, op="c", doc=ORDER, oid=OID, offset=7))
+    assert isinstance(ev, ChangeEvent), ev
+    assert (ev.db, ev.collection, ev.id, ev.op) == ("shop", "orders", OID, "insert")
+    assert ev.doc is not None and ev.doc["customer"] == "ada" and ev.doc["qty"] == 3
+    assert (ev.topic, ev.partition, ev.offset) == ("cdc.shop.orders", 0, 7)
+
+
+def test_connector_update_carries_the_full_document(connector) -> None:
+    after = {**ORDER, "qty": 4}
+    update = {"removedFields": None, "updatedFields": json.dumps({"qty": 4}), "truncatedArrays": None}
+    ev = parse(debezium_message(connector, op="u", doc=after, oid=OID, offset=8, update=update))
+    assert isinstance(ev, ChangeEvent), ev
+    assert ev.op in ("update", "replace") and ev.doc is not None and ev.doc["qty"] == 4
+
+
+def test_connector_delete_and_its_tombstone(connector) -> None:
+    ev = parse(debezium_message(connector, op="d", doc=None, oid=OID, offset=9))
+    assert isinstance(ev, ChangeEvent) and ev.op == "delete" and ev.id == OID, ev
+    tombstone = debezium_message(connector, op="d", doc=None, oid=OID, offset=10)
+    assert (
+        parse(
+            KafkaSourceMessage(key=tombstone.key, value=None, topic=tombstone.topic, partition=0, offset=10)
+        )
+        is None
+    )
+
+
+def test_snapshot_read_parses(connector) -> None:
+    assert connector["snapshot.mode"] == "initial"  # existing documents arrive as op "r"
+    ev = parse(debezium_message(connector, op="r", doc=ORDER, oid=OID, offset=1))
+    assert isinstance(ev, ChangeEvent) and ev.doc is not None, ev
