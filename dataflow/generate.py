@@ -135,6 +135,8 @@ class Generator:
         self.clock = start
         self.ord = 0
         self.live: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in self.names}
+        # The live ids again as a list, so picking one at random is O(1), not a copy of every key.
+        self.ids: dict[str, list[str]] = {n: [] for n in self.names}
         self.next_id = 0
 
     def topic(self, collection: str) -> str:
@@ -237,6 +239,7 @@ class Generator:
                 oid = self._oid()
                 doc = self._doc(coll, oid)
                 live[oid] = doc
+                self.ids[coll].append(oid)
                 yield Message(
                     self.topic(coll),
                     self._key(oid),
@@ -244,7 +247,7 @@ class Generator:
                     Change(coll, oid, "insert", doc),
                 )
             elif roll < 0.95:
-                oid = r.choice(list(live))
+                oid = r.choice(self.ids[coll])
                 doc = live[oid]
                 kind = r.random()
                 if kind < self.partial_ratio:
@@ -290,7 +293,11 @@ class Generator:
                         Change(coll, oid, "update", new),
                     )
             else:
-                oid = r.choice(list(live))
+                ids = self.ids[coll]
+                i = r.randrange(len(ids))
+                oid = ids[i]
+                ids[i] = ids[-1]  # swap-remove
+                ids.pop()
                 del live[oid]
                 yield Message(
                     self.topic(coll),
