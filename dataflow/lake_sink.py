@@ -116,30 +116,42 @@ class LakeWriter:
             "commit begin %s: %d events", writer.uri, len(events), extra={"table": table, "rows": len(events)}
         )
         started = time.monotonic()
-        try:
-            # Outages are waited out for as long as they last (the breaker keeps us
-            # from hammering storage meanwhile): dropping or dead-lettering a batch
-            # because S3 is down would lose data. Other retryable errors get a budget.
-            result = retry(
-                lambda: self._attempt(writer, events, table),
-                backoff=self.backoff,
-                max_attempts=self.settings.retry_max_attempts,
-                wait_out_outages=True,
-                operation="delta_commit",
-            )
-        except RetriesExhausted as e:
-            log.error(
-                "giving up on %d events for %s after %d attempts: %s",
-                len(events),
-                writer.uri,
-                e.attempts,
-                e.last,
-            )
-            self._dead_letter(events, Reason.MAX_RETRIES_EXCEEDED, e.last, mode, stats, e.attempts)
-            return
-        except Exception as exc:  # permanent: the data is at fault, find which events
-            self._split(writer, events, stats, mode, exc, primary)
-            return
+        waited = 0
+        while True:
+            try:
+                # Outages are waited out for as long as they last (the breaker keeps us
+                # from hammering storage meanwhile): dropping or dead-lettering a batch
+                # because S3 is down would lose data. Other retryable errors get a budget.
+                result = retry(
+                    lambda: self._attempt(writer, events, table),
+                    backoff=self.backoff,
+                    max_attempts=self.settings.retry_max_attempts,
+                    wait_out_outages=True,
+                    operation="delta_commit",
+                )
+                break
+            except RetriesExhausted as e:
+                log.error(
+                    "giving up on %d events for %s after %d attempts: %s",
+                    len(events),
+                    writer.uri,
+                    e.attempts,
+                    e.last,
+                )
+                self._dead_letter(events, Reason.MAX_RETRIES_EXCEEDED, e.last, mode, stats, e.attempts)
+                return
+            except Exception as exc:
+                # An error that looks permanent is blamed on the data only while storage
+                # answers: an outage can surface as odd errors (a truncated read, say).
+                if self._storage_answers():
+                    self._split(writer, events, stats, mode, exc, primary)
+                    return
+                delay = self.backoff.delay(waited)
+                waited += 1
+                log.warning(
+                    "%s while storage does not answer: waiting %.1fs, not blaming the data", exc, delay
+                )
+                time.sleep(delay)
         elapsed = time.monotonic() - started
         log.info(
             "commit end %s: version %s, %d rows, %d skipped",
@@ -150,6 +162,12 @@ class LakeWriter:
             extra={"table": table, "version": result.version, "rows": result.rows_written},
         )
         self._record(result, events, stats, mode, primary, elapsed)
+
+    def _storage_answers(self) -> bool:
+        try:
+            return self.breaker.probe() is not False
+        except Exception:
+            return False
 
     def _record(
         self,

@@ -185,10 +185,14 @@ def s3_storage_options(env: Mapping[str, str]) -> dict[str, str]:
         opts.setdefault("AWS_ALLOW_HTTP", "true")
     # S3-compatible stores (MinIO) want path-style addressing.
     opts.setdefault("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false")
-    # Bound the object store's own retries, so an outage reaches our breaker in seconds.
+    # Any object-store option, e.g. CDC_STORAGE_MAX_RETRIES=3 -> max_retries.
+    opts.update({k[len("CDC_STORAGE_") :].lower(): v for k, v in env.items() if k.startswith("CDC_STORAGE_")})
+    # Bound the object store's own retries, so an outage reaches our breaker in seconds,
+    # not after minutes inside one attempt.
     opts.setdefault("connect_timeout", "5s")
     opts.setdefault("timeout", "120s")
-    opts.setdefault("retry_timeout", "30s")
+    opts.setdefault("max_retries", "4")
+    opts.setdefault("retry_timeout", "10s")
     return opts
 
 

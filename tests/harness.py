@@ -60,7 +60,10 @@ def lake_env(
         CDC_SNAPSHOT_SECONDS="2",
         CDC_LOG_LEVEL="INFO",
         CDC_BREAKER_RESET_SECONDS="5",
-        CDC_RETRY_MAX_SECONDS="4",
+        CDC_RETRY_INITIAL_SECONDS="0.2",
+        CDC_RETRY_MAX_SECONDS="2",
+        CDC_STORAGE_MAX_RETRIES="2",
+        CDC_STORAGE_RETRY_TIMEOUT="3s",
         **s3_env,
     )
     return pipeline_env(**(settings | extra))

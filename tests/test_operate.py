@@ -78,6 +78,8 @@ def test_metrics_move_and_the_breaker_opens_when_minio_stops(kafka, own_s3, tmp_
         CDC_BATCH_MAX_SECONDS="1",
         CDC_BREAKER_RESET_SECONDS="5",
         CDC_RETRY_MAX_SECONDS="2",
+        CDC_STORAGE_MAX_RETRIES="2",
+        CDC_STORAGE_RETRY_TIMEOUT="3s",
         BYTEWAX_DATAFLOW_API_ENABLED="1",
         BYTEWAX_DATAFLOW_API_PORT=str(port),
         **own_s3.env,
