@@ -129,7 +129,10 @@ class Kafka:
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                # `--cluster-id=` form: a random id may start with "-", which would read as an option.
+                self._java(
+                    "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)
+                ),
                 capture_output=True,
                 text=True,
             )
