@@ -6,6 +6,7 @@ Kafka (or the bundled sample) → parse ──bad──→ DLQ topic / fallback 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -55,7 +56,9 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         # 64 MiB for each by default: bound it, or memory grows with the partition count.
         add_config={"queued.max.messages.kbytes": "8192", "fetch.max.bytes": "8388608"}
         | settings.kafka_config,
-        batch_size=5000,
+        # Messages per partition per poll: smaller keeps fewer decoded events in flight at once
+        # (12 partitions x 2,000); larger gained nothing in the benchmark.
+        batch_size=2000,
         raise_on_errors=False,
         committed=lambda: {} if settings.start_from == "beginning" else read_committed(settings, partitions),
     )
@@ -122,6 +125,20 @@ def prepare_recovery(settings: Settings, partitions: dict[str, int]) -> None:
         recovery.wait_ready(directory, timeout=120)
 
 
+def tune_gc() -> None:
+    """Make Python's cycle collector cheap for a process that holds batches of decoded documents.
+
+    Open batches keep tens of thousands of dicts alive, and with the default
+    thresholds the collector walks all of them again and again: about a quarter
+    of the CPU in the benchmark. Everything alive once the flow is built (modules,
+    clients) is frozen out of its reach, and it runs every 50,000 allocations
+    instead of every 700. Reference counting still frees everything acyclic at once.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def main() -> Dataflow:
     """Build the flow from the environment (this runs on import, as `bytewax.run` expects)."""
     logs.configure()
@@ -129,7 +146,9 @@ def main() -> Dataflow:
     shutdown.install(settings.shutdown_grace_seconds)
     partitions = topic_partitions(settings)
     prepare_recovery(settings, partitions)
-    return build_flow(settings, partitions)
+    flow = build_flow(settings, partitions)
+    tune_gc()
+    return flow
 
 
 flow = main()
