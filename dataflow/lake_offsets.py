@@ -51,28 +51,63 @@ def _list_s3(lake_uri: str, storage_options: dict[str, str]) -> list[str]:
     )
 
 
+def twin_of(uri: str, lake_uri: str) -> str:
+    """In `both` mode, the changelog of a table and the table of a changelog."""
+    base = lake_uri.rstrip("/")
+    rel = uri[len(base) :].lstrip("/")
+    if rel.startswith("_changelog/"):
+        return f"{base}/{rel[len('_changelog/') :]}"
+    return f"{base}/_changelog/{rel}"
+
+
 def committed_offsets(
     lake_uri: str,
     pipeline: str,
     partitions: dict[str, int],
     storage_options: dict[str, str] | None = None,
+    *,
+    paired: bool = False,
 ) -> dict[tuple[str, int], int]:
-    """The offset each (topic, partition) may resume from, for those any table has recorded."""
-    per_topic: dict[str, list[dict[int, int | None]]] = {t: [] for t in partitions}
-    for uri in list_tables(lake_uri, storage_options):
-        try:
-            table = DeltaTable(uri, storage_options=storage_options)
-        except Exception as e:  # a half-created table: it recorded nothing
-            log.warning("cannot open %s while looking for committed offsets: %s", uri, e)
-            continue
-        for topic, count in partitions.items():
-            versions = {p: table.transaction_version(f"{pipeline}:{topic}:{p}") for p in range(count)}
-            if any(v is not None for v in versions.values()):
-                per_topic[topic].append(versions)
+    """The offset each (topic, partition) may resume from, for those every table it feeds has recorded.
+
+    With `paired` (`both` mode), a table and its changelog are written in two
+    commits: when one recorded a topic, the other must have too, and a twin
+    that is missing or recorded nothing means "resume from the start", never
+    from the other's offset (that would skip the batch the crash cut in two).
+    """
+    tables: dict[str, DeltaTable | None] = {}
+
+    def opened(uri: str) -> DeltaTable | None:
+        if uri not in tables:
+            try:
+                tables[uri] = DeltaTable(uri, storage_options=storage_options)
+            except Exception as e:  # missing, or half-created: it recorded nothing
+                level = logging.WARNING if uri in found else logging.INFO
+                log.log(
+                    level, "no readable Delta table at %s while looking for committed offsets: %s", uri, e
+                )
+                tables[uri] = None
+        return tables[uri]
+
+    def versions(uri: str, topic: str) -> dict[int, int | None]:
+        table = opened(uri)
+        return {
+            p: None if table is None else table.transaction_version(f"{pipeline}:{topic}:{p}")
+            for p in range(partitions[topic])
+        }
+
+    found = list_tables(lake_uri, storage_options)
     out: dict[tuple[str, int], int] = {}
-    for topic, tables in per_topic.items():
-        for p in range(partitions[topic]):
-            recorded = [t.get(p) for t in tables]
-            if recorded and all(v is not None for v in recorded):
+    for topic, count in partitions.items():
+        per_table = {uri: versions(uri, topic) for uri in found}
+        feeding = {uri: v for uri, v in per_table.items() if any(x is not None for x in v.values())}
+        if paired:
+            for uri in list(feeding):
+                twin = twin_of(uri, lake_uri)
+                if twin not in feeding:
+                    feeding[twin] = per_table.get(twin) or versions(twin, topic)
+        for p in range(count):
+            recorded = [v[p] for v in feeding.values()]
+            if recorded and all(x is not None for x in recorded):
                 out[(topic, p)] = min(recorded)  # type: ignore[type-var]
     return out

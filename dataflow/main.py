@@ -68,7 +68,11 @@ def read_committed(settings: Settings, partitions: dict[str, int]) -> dict[tuple
     """The offsets recorded in Delta; storage hiccups at start are retried, not fatal."""
     return retry(
         lambda: committed_offsets(
-            settings.lake_uri, settings.pipeline_name, partitions, settings.storage_options or None
+            settings.lake_uri,
+            settings.pipeline_name,
+            partitions,
+            settings.storage_options or None,
+            paired=settings.table_mode == "both",
         ),
         max_attempts=10,
         operation="read_committed_offsets",
