@@ -54,7 +54,7 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         tail=not settings.stop_at_end,
         # Bytewax opens one consumer per partition, and librdkafka prefetches up to
         # 64 MiB for each by default: bound it, or memory grows with the partition count
-        # (4 MiB each cost nothing in throughput and kept the 1M-event run under 1 GiB).
+        # (4 MiB each cost no throughput and kept the 1M-event append run under 1 GiB).
         add_config={"queued.max.messages.kbytes": "4096", "fetch.max.bytes": "8388608"}
         | settings.kafka_config,
         # Messages per partition per poll: smaller keeps fewer decoded events in flight at once
