@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from deltalake import DeltaTable
 
+from dataflow.settings import CHANGELOG_DIR
 from dataflow.storage import s3_client
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,8 @@ def list_tables(lake_uri: str, storage_options: dict[str, str] | None = None) ->
     if lake_uri.startswith(("s3://", "s3a://")):
         return _list_s3(lake_uri, storage_options or {})
     root = Path(lake_uri)
-    found = [*root.glob("*/*/_delta_log"), *root.glob("_changelog/*/*/_delta_log")]
-    return sorted(str(p.parent) for p in found if p.parent.parent.name != "_changelog")
+    found = [*root.glob("*/*/_delta_log"), *root.glob(f"{CHANGELOG_DIR}/*/*/_delta_log")]
+    return sorted(str(p.parent) for p in found if p.parent.parent.name != CHANGELOG_DIR)
 
 
 def _list_s3(lake_uri: str, storage_options: dict[str, str]) -> list[str]:
@@ -40,7 +41,7 @@ def _list_s3(lake_uri: str, storage_options: dict[str, str]) -> list[str]:
     tables = []
     for db in dirs(base):
         for coll in dirs(db):
-            if db == f"{base}_changelog/":
+            if db == f"{base}{CHANGELOG_DIR}/":
                 tables.extend(dirs(coll))  # _changelog/<db>/<coll>/
             else:
                 tables.append(coll)
@@ -55,9 +56,8 @@ def twin_of(uri: str, lake_uri: str) -> str:
     """In `both` mode, the changelog of a table and the table of a changelog."""
     base = lake_uri.rstrip("/")
     rel = uri[len(base) :].lstrip("/")
-    if rel.startswith("_changelog/"):
-        return f"{base}/{rel[len('_changelog/') :]}"
-    return f"{base}/_changelog/{rel}"
+    head, _, rest = rel.partition("/")
+    return f"{base}/{rest}" if head == CHANGELOG_DIR else f"{base}/{CHANGELOG_DIR}/{rel}"
 
 
 def committed_offsets(
@@ -105,7 +105,7 @@ def committed_offsets(
             for uri in list(feeding):
                 twin = twin_of(uri, lake_uri)
                 if twin not in feeding:
-                    feeding[twin] = per_table.get(twin) or versions(twin, topic)
+                    feeding[twin] = per_table[twin] if twin in per_table else versions(twin, topic)
         for p in range(count):
             recorded = [v[p] for v in feeding.values()]
             if recorded and all(x is not None for x in recorded):

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
+# In `both` mode the changelog of `<lake>/<db>/<coll>` is `<lake>/_changelog/<db>/<coll>`.
+CHANGELOG_DIR = "_changelog"
+
 TableMode = Literal["merge", "append", "both"]
 SAMPLE = Path(__file__).parent / "sample" / "changes.jsonl"
 
@@ -67,7 +70,7 @@ class Settings:
         base = self.lake_uri.rstrip("/")
         path = f"{path_part(db)}/{path_part(collection)}"
         if self.table_mode == "both" and mode == "append":
-            return f"{base}/_changelog/{path}"
+            return f"{base}/{CHANGELOG_DIR}/{path}"
         return f"{base}/{path}"
 
     @classmethod
