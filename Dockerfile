@@ -18,6 +18,10 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# A C compiler for dataflow/_speedups.c (the parse step's hot loops); only this stage has it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -26,6 +30,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY dataflow ./dataflow
 RUN pip install . \
+    && python -c "import dataflow._speedups" \
     && python -m compileall -q /opt/venv/lib \
     && pip uninstall -y pip setuptools wheel >/dev/null 2>&1 || true
 

@@ -20,6 +20,7 @@ import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 
 from dataflow import extjson, validate
+from dataflow.extjson import _native
 from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason
 
 __all__ = ["DEFAULT_MAX_BYTES", "parse"]
@@ -171,13 +172,36 @@ def _doc(container: dict, name: str, where: str) -> dict | None:
 def _unwrap_schema(obj: Any, where: str) -> Any:
     """Strip the JSON converter's `{"schema", "payload"}` wrapper; parse a string payload."""
     if type(obj) is dict and len(obj) == 2 and "payload" in obj and "schema" in obj:
-        obj = obj["payload"]
-        where = f"{where}.payload"
-        if type(obj) is str:
-            obj = _json(obj, where)
-        if obj is None:
-            raise _Reject(_SCHEMA, f"{where} is null")
+        return _payload(obj["payload"], f"{where}.payload")
     return obj
+
+
+def _payload(obj: Any, where: str) -> Any:
+    if type(obj) is str:
+        obj = _json(obj, where)
+    if obj is None:
+        raise _Reject(_SCHEMA, f"{where} is null")
+    return obj
+
+
+def _schema_payload(text: bytes, where: str) -> Any:
+    """The payload of a `{"schema", "payload"}` message, without building the schema; or _MISSING.
+
+    The JSON converter's schema is about a third of a Debezium message and is
+    never used: the C scanner checks its syntax and says where the payload lies,
+    and only that is parsed. _MISSING (the full parse must do it, and word any
+    error) when the scanner is not built, not sure, or the payload is not JSON.
+    """
+    if _native is None or type(text) is not bytes:
+        return _MISSING
+    span = _native.payload_span(text)
+    if span is None:
+        return _MISSING
+    try:
+        obj = orjson.loads(memoryview(text)[span[0] : span[1]])
+    except orjson.JSONDecodeError:
+        return _MISSING
+    return _payload(obj, f"{where}.payload")
 
 
 def _str_field(d: dict, name: str, where: str) -> str:
@@ -263,10 +287,12 @@ def _event(
 
 
 def _decode(msg: Any, value: bytes) -> tuple[ChangeEvent, str | None]:
-    obj = _json(value, "value")
-    if type(obj) is str:  # the change-stream document as a JSON string (StringConverter-style)
-        obj = _json(obj, "value (JSON string)")
-    obj = _unwrap_schema(obj, "value")
+    obj = _schema_payload(value, "value")
+    if obj is _MISSING:
+        obj = _json(value, "value")
+        if type(obj) is str:  # the change-stream document as a JSON string (StringConverter-style)
+            obj = _json(obj, "value (JSON string)")
+        obj = _unwrap_schema(obj, "value")
     if type(obj) is not dict:
         raise _Reject(_CORRUPT, f"value is a JSON {_kind(obj)}, not an object")
     # A change-stream document also has an `_id` (its resume token), so it is tested first; a bare
@@ -295,7 +321,9 @@ def _key_id(msg: Any, required: bool) -> Any:
     if not key:
         return _MISSING
     try:
-        obj = _unwrap_schema(_json(key, "key"), "key")
+        obj = _schema_payload(key, "key")
+        if obj is _MISSING:
+            obj = _unwrap_schema(_json(key, "key"), "key")
         if type(obj) is not dict or "id" not in obj:
             raise _Reject(_SCHEMA, 'key is not a Debezium key {"id": ...}')
         raw = obj["id"]

@@ -41,6 +41,11 @@ import orjson
 
 from dataflow.model import BsonTimestamp
 
+try:  # the same walk in C (dataflow/_speedups.c); this module works without it, slower
+    from dataflow import _speedups as _native
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _native = None
+
 __all__ = ["InvalidBson", "decode", "id_text", "loads"]
 
 _HEX = "0123456789abcdefABCDEF"
@@ -304,7 +309,24 @@ def _classify(d: dict) -> Any:
 
 
 def _walk(root: dict | list, base: str) -> None:
-    """Replace every wrapper under `root` by its value, in place, without recursion."""
+    """Replace every wrapper under `root` by its value, in place, without recursion.
+
+    The C walk visits containers in this same order and calls the same handlers
+    for anything but the usual forms of the common wrappers. When it meets a bad
+    one, everything before it has been replaced by leaf values, so walking again
+    here stops at the same wrapper and can name its path.
+    """
+    if _native is not None:
+        try:
+            _native.walk(root, _SINGLE, _classify, _PLAIN)
+            return
+        except InvalidBson:
+            pass
+    _walk_py(root, base)
+
+
+def _walk_py(root: dict | list, base: str) -> None:
+    """The reference walk."""
     stack: list[Any] = [root]
     push, pop, single = stack.append, stack.pop, _SINGLE.get
     c: Any = root

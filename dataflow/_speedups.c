@@ -1,0 +1,453 @@
+/* Native versions of the two hottest loops of the parse step.
+ *
+ * Both are exact stand-ins for Python code that stays the reference
+ * (dataflow/extjson.py, dataflow/events.py): anything they are not sure of is
+ * handed back to it, so the accepted inputs, the values and the errors are the
+ * same whether or not this module is built.
+ *
+ *   payload_span(value) -> (start, end) | None
+ *       Where the payload of a JSON-converter envelope {"schema": S, "payload": P}
+ *       lies, so only P is parsed: S (the Connect schema, about a third of a
+ *       Debezium message) is checked for valid JSON syntax here but never built
+ *       into Python objects. None when the message does not look exactly like
+ *       that, or S uses anything but plain ASCII: the caller then parses it all.
+ *
+ *   walk(root, handlers, classify, plain) -> None
+ *       extjson._walk in C: replaces every Extended JSON type wrapper under root
+ *       by its value, in place, in the same order. The common wrappers ($oid,
+ *       $numberInt, $numberLong, $numberDouble, $date as milliseconds) are
+ *       decoded here when they have their usual form; everything else is the
+ *       Python handler's job, and its exception propagates unchanged.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <datetime.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- payload_span */
+
+#define MAX_SCHEMA_DEPTH 64
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+} scan_t;
+
+static void skip_ws(scan_t *s) {
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r')) s->p++;
+}
+
+/* A string of printable ASCII and simple escapes; \u escapes and anything else: give up. */
+static int scan_string(scan_t *s) {
+    if (s->p >= s->end || *s->p != '"') return 0;
+    s->p++;
+    while (s->p < s->end) {
+        unsigned char c = *s->p++;
+        if (c == '"') return 1;
+        if (c == '\\') {
+            if (s->p >= s->end) return 0;
+            c = *s->p++;
+            if (!strchr("\"\\/bfnrt", c) || c == 0) return 0;
+        } else if (c < 0x20 || c > 0x7e) {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static int scan_digits(scan_t *s) {
+    const unsigned char *start = s->p;
+    while (s->p < s->end && *s->p >= '0' && *s->p <= '9') s->p++;
+    return s->p > start;
+}
+
+static int scan_number(scan_t *s) {
+    if (s->p < s->end && *s->p == '-') s->p++;
+    if (s->p >= s->end) return 0;
+    if (*s->p == '0') {
+        s->p++;
+    } else if (!scan_digits(s)) {
+        return 0;
+    }
+    if (s->p < s->end && *s->p == '.') {
+        s->p++;
+        if (!scan_digits(s)) return 0;
+    }
+    if (s->p < s->end && (*s->p == 'e' || *s->p == 'E')) {
+        s->p++;
+        if (s->p < s->end && (*s->p == '+' || *s->p == '-')) s->p++;
+        if (!scan_digits(s)) return 0;
+    }
+    return 1;
+}
+
+static int scan_literal(scan_t *s, const char *word) {
+    size_t n = strlen(word);
+    if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0) return 0;
+    s->p += n;
+    return 1;
+}
+
+static int scan_value(scan_t *s, int depth) {
+    skip_ws(s);
+    if (s->p >= s->end) return 0;
+    switch (*s->p) {
+        case '"':
+            return scan_string(s);
+        case 't':
+            return scan_literal(s, "true");
+        case 'f':
+            return scan_literal(s, "false");
+        case 'n':
+            return scan_literal(s, "null");
+        case '{':
+        case '[': {
+            unsigned char close = *s->p == '{' ? '}' : ']';
+            int object = close == '}';
+            if (depth >= MAX_SCHEMA_DEPTH) return 0;
+            s->p++;
+            skip_ws(s);
+            if (s->p < s->end && *s->p == close) {
+                s->p++;
+                return 1;
+            }
+            for (;;) {
+                if (object) {
+                    skip_ws(s);
+                    if (!scan_string(s)) return 0;
+                    skip_ws(s);
+                    if (s->p >= s->end || *s->p != ':') return 0;
+                    s->p++;
+                }
+                if (!scan_value(s, depth + 1)) return 0;
+                skip_ws(s);
+                if (s->p >= s->end) return 0;
+                if (*s->p == ',') {
+                    s->p++;
+                    continue;
+                }
+                if (*s->p == close) {
+                    s->p++;
+                    return 1;
+                }
+                return 0;
+            }
+        }
+        default:
+            return scan_number(s);
+    }
+}
+
+static int expect(scan_t *s, const char *token) {
+    skip_ws(s);
+    return scan_literal(s, token);
+}
+
+static PyObject *payload_span(PyObject *module, PyObject *value) {
+    if (!PyBytes_CheckExact(value)) Py_RETURN_NONE;
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(value);
+    scan_t s = {data, data + PyBytes_GET_SIZE(value)};
+    if (!expect(&s, "{") || !expect(&s, "\"schema\"") || !expect(&s, ":") || !scan_value(&s, 1) ||
+        !expect(&s, ",") || !expect(&s, "\"payload\"") || !expect(&s, ":"))
+        Py_RETURN_NONE;
+    const unsigned char *start = s.p;
+    const unsigned char *end = s.end;
+    while (end > start && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r')) end--;
+    if (end <= start || end[-1] != '}') Py_RETURN_NONE;
+    end--; /* the envelope's closing brace; the caller parses [start, end) as one JSON value */
+    return Py_BuildValue("(nn)", (Py_ssize_t)(start - data), (Py_ssize_t)(end - data));
+}
+
+/* ---------------------------------------------------------------------- walk */
+
+/* The wrapped value of a one-key wrapper, decoded here; NULL without an exception
+ * set means "not in the usual form: ask the Python handler". */
+typedef PyObject *(*fast_fn)(PyObject *v);
+
+/* An ASCII str's bytes, or NULL. */
+static const char *ascii(PyObject *v, Py_ssize_t *n) {
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) return NULL;
+    *n = PyUnicode_GET_LENGTH(v);
+    return (const char *)PyUnicode_DATA(v);
+}
+
+/* "-?[0-9]{1,18}" -> its value. */
+static int small_int(PyObject *v, long long *out) {
+    Py_ssize_t n;
+    const char *s = ascii(v, &n);
+    if (s == NULL) return 0;
+    int neg = n > 0 && s[0] == '-';
+    if (n - neg < 1 || n - neg > 18) return 0;
+    long long x = 0;
+    for (Py_ssize_t i = neg; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return 0;
+        x = x * 10 + (s[i] - '0');
+    }
+    *out = neg ? -x : x;
+    return 1;
+}
+
+static PyObject *fast_oid(PyObject *v) {
+    Py_ssize_t n;
+    const char *s = ascii(v, &n);
+    if (s == NULL || n != 24) return NULL;
+    int upper = 0;
+    for (int i = 0; i < 24; i++) {
+        char c = s[i];
+        if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')) continue;
+        if (c >= 'A' && c <= 'F') {
+            upper = 1;
+            continue;
+        }
+        return NULL;
+    }
+    if (!upper) return Py_NewRef(v);
+    char low[24];
+    for (int i = 0; i < 24; i++) low[i] = (s[i] >= 'A' && s[i] <= 'F') ? (char)(s[i] + 32) : s[i];
+    return PyUnicode_FromStringAndSize(low, 24);
+}
+
+static PyObject *fast_int32(PyObject *v) {
+    long long x;
+    if (!small_int(v, &x) || x < INT32_MIN || x > INT32_MAX) return NULL;
+    return PyLong_FromLongLong(x);
+}
+
+static PyObject *fast_int64(PyObject *v) {
+    long long x;
+    if (!small_int(v, &x)) return NULL;
+    return PyLong_FromLongLong(x);
+}
+
+/* extjson._DOUBLE_RE: -?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? */
+static PyObject *fast_double(PyObject *v) {
+    Py_ssize_t n;
+    const char *s = ascii(v, &n);
+    if (s == NULL || n == 0 || n > 64) return NULL;
+    Py_ssize_t i = 0, d = 0;
+    if (s[i] == '-') i++;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++, d++;
+    if (i < n && s[i] == '.') {
+        i++;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++, d++;
+    }
+    if (d == 0) return NULL;
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+        Py_ssize_t e = 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++, e++;
+        if (e == 0) return NULL;
+    }
+    if (i != n) return NULL;
+    double x = PyOS_string_to_double(s, NULL, NULL); /* what float(str) uses */
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return PyFloat_FromDouble(x);
+}
+
+/* 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z in ms since the epoch: datetime's range. */
+#define MIN_MS (-62135596800000LL)
+#define MAX_MS (253402300799999LL)
+
+/* _EPOCH + timedelta(milliseconds=ms), for ms in datetime's range. */
+static PyObject *date_of_ms(long long ms) {
+    if (ms < MIN_MS || ms > MAX_MS) return NULL;
+    long long days = ms / 86400000LL, rem = ms % 86400000LL;
+    if (rem < 0) rem += 86400000LL, days -= 1;
+    /* civil_from_days (H. Hinnant) */
+    long long z = days + 719468;
+    long long era = (z >= 0 ? z : z - 146096) / 146097;
+    long long doe = z - era * 146097;
+    long long yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    long long y = yoe + era * 400;
+    long long doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    long long mp = (5 * doy + 2) / 153;
+    long long d = doy - (153 * mp + 2) / 5 + 1;
+    long long m = mp < 10 ? mp + 3 : mp - 9;
+    if (m <= 2) y += 1;
+    int ms_of_day = (int)rem;
+    return PyDateTimeAPI->DateTime_FromDateAndTime(
+        (int)y, (int)m, (int)d, ms_of_day / 3600000, ms_of_day / 60000 % 60, ms_of_day / 1000 % 60,
+        ms_of_day % 1000 * 1000, PyDateTime_TimeZone_UTC, PyDateTimeAPI->DateTimeType);
+}
+
+static PyObject *s_number_long; /* "$numberLong" */
+
+static PyObject *fast_date(PyObject *v) {
+    long long ms;
+    if (PyDict_CheckExact(v)) {
+        if (PyDict_GET_SIZE(v) != 1) return NULL;
+        PyObject *inner = PyDict_GetItemWithError(v, s_number_long);
+        if (inner == NULL || !small_int(inner, &ms)) return NULL;
+    } else if (PyLong_CheckExact(v)) {
+        int overflow;
+        ms = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow || (ms == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return NULL;
+        }
+    } else {
+        return NULL;
+    }
+    return date_of_ms(ms);
+}
+
+static const struct {
+    const char *key;
+    fast_fn fn;
+} FAST[] = {
+    {"$oid", fast_oid},          {"$date", fast_date},         {"$numberInt", fast_int32},
+    {"$numberLong", fast_int64}, {"$numberDouble", fast_double},
+};
+
+static fast_fn fast_for(PyObject *key) {
+    Py_ssize_t n;
+    const char *s = ascii(key, &n);
+    if (s == NULL || n < 4 || s[0] != '$') return NULL;
+    for (size_t i = 0; i < sizeof FAST / sizeof FAST[0]; i++)
+        if ((size_t)n == strlen(FAST[i].key) && memcmp(s, FAST[i].key, (size_t)n) == 0) return FAST[i].fn;
+    return NULL;
+}
+
+static int has_dollar_key(PyObject *d) {
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k)) return 1; /* cannot come from JSON; let Python decide */
+        if (PyUnicode_GET_LENGTH(k) > 0 && PyUnicode_READ_CHAR(k, 0) == '$') return 1;
+    }
+    return 0;
+}
+
+typedef struct {
+    PyObject **items;
+    Py_ssize_t n, cap;
+} stack_t;
+
+static int push(stack_t *st, PyObject *o) {
+    if (st->n == st->cap) {
+        Py_ssize_t cap = st->cap ? st->cap * 2 : 64;
+        PyObject **items = PyMem_Realloc(st->items, (size_t)cap * sizeof(PyObject *));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        st->items = items;
+        st->cap = cap;
+    }
+    st->items[st->n++] = Py_NewRef(o);
+    return 0;
+}
+
+/* What the value v of a container becomes: a new reference to its replacement,
+ * the borrowed sentinel `keep` to leave it as it is (pushing it if it is a
+ * container to walk), or NULL on error. */
+static PyObject *visit(PyObject *v, PyObject *handlers, PyObject *classify, PyObject *plain, stack_t *st,
+                       PyObject *keep) {
+    if (PyDict_CheckExact(v)) {
+        Py_ssize_t n = PyDict_GET_SIZE(v);
+        if (n == 1) {
+            Py_ssize_t pos = 0;
+            PyObject *wk, *wv;
+            PyDict_Next(v, &pos, &wk, &wv);
+            fast_fn fast = fast_for(wk);
+            if (fast != NULL) {
+                PyObject *r = fast(wv);
+                if (r != NULL || PyErr_Occurred()) return r;
+            }
+            PyObject *handler = PyDict_GetItemWithError(handlers, wk);
+            if (handler != NULL) {
+                PyObject *args[2] = {wv, v};
+                return PyObject_Vectorcall(handler, args, 2, NULL);
+            }
+            if (PyErr_Occurred()) return NULL;
+        }
+        if (n > 0 && has_dollar_key(v)) {
+            PyObject *r = PyObject_CallOneArg(classify, v);
+            if (r == NULL) return NULL;
+            if (r != plain) return r;
+            Py_DECREF(r);
+        }
+        if (n > 0 && push(st, v) < 0) return NULL;
+        return keep;
+    }
+    if (PyList_CheckExact(v) && PyList_GET_SIZE(v) > 0 && push(st, v) < 0) return NULL;
+    return keep;
+}
+
+static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "walk(root, handlers, classify, plain)");
+        return NULL;
+    }
+    PyObject *root = args[0], *handlers = args[1], *classify = args[2], *plain = args[3];
+    if (!PyDict_CheckExact(handlers)) {
+        PyErr_SetString(PyExc_TypeError, "handlers must be a dict");
+        return NULL;
+    }
+    PyObject *keep = plain; /* never a replacement value: it means "leave this one" */
+    stack_t st = {NULL, 0, 0};
+    int failed = 0;
+    if (push(&st, root) < 0) return NULL;
+    while (st.n > 0 && !failed) {
+        PyObject *c = st.items[--st.n];
+        if (PyDict_CheckExact(c)) {
+            Py_ssize_t pos = 0;
+            PyObject *k, *v;
+            while (PyDict_Next(c, &pos, &k, &v)) {
+                PyObject *r = visit(v, handlers, classify, plain, &st, keep);
+                if (r == NULL) {
+                    failed = 1;
+                    break;
+                }
+                if (r != keep) {
+                    /* same key: the dict's size does not change, so iterating on is safe */
+                    int rc = PyDict_SetItem(c, k, r);
+                    Py_DECREF(r);
+                    if (rc < 0) {
+                        failed = 1;
+                        break;
+                    }
+                }
+            }
+        } else if (PyList_CheckExact(c)) {
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(c); i++) {
+                PyObject *r = visit(PyList_GET_ITEM(c, i), handlers, classify, plain, &st, keep);
+                if (r == NULL) {
+                    failed = 1;
+                    break;
+                }
+                if (r != keep) PyList_SetItem(c, i, r); /* steals r */
+            }
+        }
+        Py_DECREF(c);
+    }
+    while (st.n > 0) Py_DECREF(st.items[--st.n]);
+    PyMem_Free(st.items);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* -------------------------------------------------------------------- module */
+
+static PyMethodDef methods[] = {
+    {"payload_span", (PyCFunction)payload_span, METH_O,
+     "payload_span(value: bytes) -> (start, end) | None: the payload of {\"schema\": .., \"payload\": ..}"},
+    {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
+     "walk(root, handlers, classify, plain) -> None: extjson._walk, natively"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) return NULL;
+    s_number_long = PyUnicode_InternFromString("$numberLong");
+    if (s_number_long == NULL) return NULL;
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,253 @@
+"""The C speed-ups (dataflow/_speedups.c) against the Python they stand in for.
+
+Each case runs the same input through the C path and the pure-Python path and
+requires the same values or the same error, word for word.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from bytewax.connectors.kafka import KafkaSourceMessage
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflow import events, extjson
+from dataflow.generate import Generator
+from dataflow.model import DeadLetter
+
+native = extjson._native
+
+
+def test_the_extension_is_built() -> None:
+    # `make install` compiles it; without it the pipeline still works, at about half the parse speed.
+    assert native is not None, "dataflow._speedups is not built: is a C compiler installed?"
+
+
+@pytest.fixture
+def python_only(monkeypatch: pytest.MonkeyPatch):
+    """Run a block with the C code switched off."""
+
+    class Switch:
+        def __enter__(self) -> None:
+            monkeypatch.setattr(extjson, "_native", None)
+            monkeypatch.setattr(events, "_native", None)
+
+        def __exit__(self, *exc: object) -> None:
+            monkeypatch.setattr(extjson, "_native", native)
+            monkeypatch.setattr(events, "_native", native)
+
+    return Switch()
+
+
+def same(r: object) -> object:
+    """A parse result without the moment it was made (a dead letter's first_failure_ms)."""
+    if isinstance(r, DeadLetter):
+        return dataclasses.replace(r, first_failure_ms=0)
+    return r
+
+
+def outcome(fn, value):
+    """What `fn(value)` gives: ("ok", repr of the result) or ("error", type, message, path)."""
+    try:
+        return ("ok", repr(fn(value)))
+    except Exception as e:
+        return ("error", type(e).__name__, str(e), getattr(e, "path", None))
+
+
+# --- walk
+
+OID = "5f1e2d3c4b5a69788796a5b4"
+_strings = st.sampled_from(
+    [
+        "0",
+        "-0",
+        "7",
+        "-12",
+        "2147483647",
+        "2147483648",
+        "-2147483648",
+        "-2147483649",
+        "123456789012345678",
+        "-123456789012345678",
+        "1234567890123456789",
+        "99999999999999999999",
+        "1.5",
+        ".5",
+        "5.",
+        "-.5",
+        "1e5",
+        "1E-5",
+        "1e999",
+        "-1e999",
+        "1e",
+        "e5",
+        ".",
+        "-",
+        "+1",
+        "1.2.3",
+        " 1",
+        "1 ",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "nan",
+        "0x10",
+        "١٢",
+        "",
+        OID,
+        OID.upper(),
+        OID[:-1],
+        "g" * 24,
+        "ÿ" * 24,
+        "2020-01-02T03:04:05Z",
+        "2020-01-02T03:04:05.678+02:00",
+        "2020-13-02T03:04:05Z",
+        "-62135596800000",
+        "-62135596800001",
+        "253402300799999",
+        "253402300800000",
+        "1767135478000",
+        "AQID",
+        "c8edabc3-f738-4ca3-b68d-ab92a91478a3",
+    ]  # fmt: skip
+) | st.text(max_size=6)
+_wrapper_keys = sorted(extjson._WRAPPER_KEYS | {"$regex", "$options", "$type", "$foo"})
+_anything = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.sampled_from([-62135596800000, -62135596800001, 253402300799999, 253402300800000, 2**63 - 1])
+    | st.floats()
+    | _strings,
+    lambda kids: (
+        st.lists(kids, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(_wrapper_keys) | st.sampled_from(["base64", "subType", "t", "i", "a"]),
+            kids,
+            max_size=3,
+        )
+        | st.builds(lambda k, v: {k: v}, st.sampled_from(_wrapper_keys), kids)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_anything)
+def test_walk_matches_python(value: object) -> None:
+    doc = {"f": value, "g": [value, {"h": value}]}
+    fast = outcome(extjson.decode, copy.deepcopy(doc))
+    extjson._native = None
+    try:
+        slow = outcome(extjson.decode, copy.deepcopy(doc))
+    finally:
+        extjson._native = native
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "expected"),
+    [
+        ({"$oid": OID.upper()}, OID),
+        ({"$numberInt": "-2147483648"}, -(2**31)),
+        ({"$numberLong": "-123456789012345678"}, -123456789012345678),
+        ({"$numberLong": "9223372036854775807"}, 2**63 - 1),  # 19 digits: the Python handler's
+        ({"$numberDouble": "-.5e-3"}, -0.0005),
+        ({"$date": {"$numberLong": "-62135596800000"}}, datetime(1, 1, 1, tzinfo=UTC)),
+        ({"$date": 253402300799999}, datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+        ({"$date": -1}, datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+        ({"$date": 951782400000}, datetime(2000, 2, 29, tzinfo=UTC)),
+    ],
+)
+def test_walk_edges(wrapper: dict, expected: object) -> None:
+    assert extjson.decode({"x": [wrapper]}) == {"x": [expected]}
+
+
+def test_walk_names_the_path_of_a_bad_wrapper_after_decoding_good_ones() -> None:
+    doc = {"a": {"$numberInt": "1"}, "b": [{"$oid": OID}, {"c": {"$numberLong": "x"}}], "d": {"$oid": OID}}
+    with pytest.raises(extjson.InvalidBson) as info:
+        extjson.decode(doc)
+    assert info.value.path == "b[1].c"
+
+
+# --- payload_span and the parse step
+
+
+def _messages() -> list[KafkaSourceMessage]:
+    gen = Generator(seed=7, doc_bytes=200, corrupt_ratio=0.05, drift_collection=True)
+    out = []
+    for i, m in enumerate(gen.messages(400)):
+        out.append(KafkaSourceMessage(m.key, m.value, topic=m.topic, partition=0, offset=i))
+    return out
+
+
+def _variants(value: bytes) -> list[bytes]:
+    """The message, and ways of writing (or breaking) its envelope the scanner must get right."""
+    out = [value, b" \n" + value + b"\r\n\t"]
+    if value.startswith(b'{"schema":'):
+        out += [
+            value.replace(b'{"schema":', b'{ "schema" : ', 1).replace(b',"payload":', b' , "payload" :\n', 1),
+            value.replace(b'"optional":false', b'"optional":fals', 1),  # broken schema
+            value.replace(b'"type":"struct"', b'"type":"str\xc3\xbcct"', 1),  # non-ASCII schema
+            value.replace(b'"type":"struct"', b'"type":"\\u0073truct"', 1),
+            value.replace(b'"type":"struct"', b'"type":1.5e+3', 1),
+            value.replace(b'"type":"struct"', b'"type":01', 1),  # not JSON
+            value.replace(b'"type":"struct"', b'"type":-', 1),
+            value.replace(b'"type":"struct"', b'"type":"a\tb"', 1),  # raw control character
+            value[:-1] + b',"payload":null}',  # duplicate key: the last one wins
+            value[:-1],  # truncated
+            value[:-1] + b"}}",
+            value.replace(b',"payload":', b',"payload":"', 1),
+            value.replace(b'{"schema":', b'{"schema":{"a":' * 70, 1)[:-1] + b"}" * 70 + b"}",  # deep
+        ]
+    return out
+
+
+def test_parse_matches_python_on_every_envelope_and_its_breakages(python_only) -> None:
+    msgs = _messages()
+    cases = []
+    for m in msgs:
+        for v in _variants(m.value) if m.value else [m.value]:
+            for key in (m.key, m.key[:-2] if m.key else m.key):
+                cases.append(KafkaSourceMessage(key, v, topic=m.topic, partition=0, offset=m.offset))
+    fast = [same(events.parse(m)) for m in cases]
+    with python_only:
+        slow = [same(events.parse(m)) for m in cases]
+    assert len({type(r) for r in fast}) > 1  # both events and dead letters are in there
+    assert fast == slow
+
+
+def test_payload_span_reads_only_exactly_schema_then_payload() -> None:
+    v = b'{"schema": {"a": [1, -2.5e3, true, null, "x\\"y"]}, "payload": {"b": 2} }'
+    start, end = native.payload_span(v)
+    assert orjson.loads(v[start:end]) == {"b": 2}
+    for other in [
+        b'{"payload": {"b": 2}, "schema": {}}',
+        b'{"schema": {}, "payload": {"b": 2}, "x": 1',
+        b'{"schema": {}}',
+        b'["schema", "payload"]',
+        b'{"schema": {"a": "\\u00e9"}, "payload": {}}',
+    ]:
+        assert native.payload_span(other) is None, other
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60), st.integers(0, 2**32))
+def test_parse_matches_python_on_random_bytes(noise: bytes, seed: int) -> None:
+    base = _messages()[random.Random(seed).randrange(20)]
+    value = base.value or b"{}"
+    cut = random.Random(seed).randrange(len(value) + 1)
+    msg = KafkaSourceMessage(base.key, value[:cut] + noise + value[cut:], topic=base.topic, offset=1)
+    fast = same(events.parse(msg))
+    events._native = extjson._native = None
+    try:
+        slow = same(events.parse(msg))
+    finally:
+        events._native = extjson._native = native
+    assert fast == slow
