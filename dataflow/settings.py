@@ -44,7 +44,7 @@ class Settings:
     sample_path: str
     recovery_dir: str | None = "./data/recovery"
     recovery_partitions: int = 16
-    snapshot_seconds: float = 5.0
+    snapshot_seconds: float = 10.0
     backup_seconds: float = 0.0
     shutdown_grace_seconds: float = 60.0
     start_from: str = "delta"
@@ -145,7 +145,7 @@ class Settings:
             if env.get("CDC_RECOVERY_DIR", "").lower() in ("off", "none")
             else env.get("CDC_RECOVERY_DIR") or "./data/recovery",
             recovery_partitions=int(num("CDC_RECOVERY_PARTITIONS", 16)),
-            snapshot_seconds=float(num("CDC_SNAPSHOT_SECONDS", 5.0, float, 0.1)),
+            snapshot_seconds=float(num("CDC_SNAPSHOT_SECONDS", 10.0, float, 0.1)),
             backup_seconds=float(num("CDC_BACKUP_SECONDS", 0.0, float, 0)),
             shutdown_grace_seconds=float(num("CDC_SHUTDOWN_GRACE_SECONDS", 60.0, float, 1)),
             start_from=start_from,
