@@ -51,7 +51,7 @@ class _Reject(Exception):
 
 
 def parse(msg: KafkaSourceMessage, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ChangeEvent | DeadLetter | None:
-    """Decode one Kafka message. None means a tombstone (null or empty value): skip it."""
+    """Decode one Kafka message (anything with its attributes). None means a tombstone: skip it."""
     value: Any = None
     try:
         value = msg.value

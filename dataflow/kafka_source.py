@@ -7,18 +7,76 @@ Delta tables' `txn` actions are the record of truth, so a partition without
 recovery state seeks to its committed offset instead; the sink drops what is
 at or below it. Offsets are not contiguous, so we seek to the committed offset
 itself, never to "offset + 1".
+
+Its partitions hand out `SourceMessage` tuples instead of Bytewax's
+`KafkaSourceMessage` dataclass: a frozen dataclass costs about 2 us per
+message to build, a tenth of the whole parse.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
-from bytewax.connectors.kafka import KafkaSource
+from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage, _KafkaSourcePartition
+from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from dataflow import shutdown
 
 log = logging.getLogger(__name__)
+
+
+class SourceMessage(NamedTuple):
+    """What the parse step reads of a Kafka message (the attributes `KafkaSourceMessage` has too)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: tuple[int, int]
+
+
+class _LeanPartition(_KafkaSourcePartition):
+    """Bytewax's Kafka partition, emitting `SourceMessage`s; errors, EOF and offsets as it does."""
+
+    def next_batch(self) -> list[SourceMessage | KafkaError]:
+        if self._eof:
+            raise StopIteration()
+        batch: list[SourceMessage | KafkaError] = []
+        last_offset = None
+        for msg in self._consumer.consume(self._batch_size, 0.001):
+            error = msg.error()
+            if error is not None:
+                if error.code() == ConfluentKafkaError._PARTITION_EOF:
+                    self._eof = True  # StopIteration on the next call, after this batch
+                    break
+                if self._raise_on_errors:
+                    raise RuntimeError(f"error consuming from Kafka topic `{self._topic!r}`: {error}")
+                batch.append(
+                    KafkaError(
+                        error,
+                        KafkaSourceMessage(
+                            msg.key(),
+                            msg.value(),
+                            topic=msg.topic(),
+                            offset=msg.offset(),
+                            partition=msg.partition(),
+                            timestamp=msg.timestamp(),
+                        ),
+                    )
+                )
+            else:
+                batch.append(
+                    SourceMessage(
+                        msg.key(), msg.value(), msg.topic(), msg.partition(), msg.offset(), msg.timestamp()
+                    )
+                )
+            last_offset = msg.offset()
+        if last_offset is not None:
+            self._offset = last_offset + 1  # resume from the next message, not this one
+        return batch
 
 
 class ResumingKafkaSource(KafkaSource):
@@ -53,4 +111,6 @@ class ResumingKafkaSource(KafkaSource):
                     topic,
                     idx,
                 )
-        return shutdown.Stoppable(super().build_part(step_id, for_part, resume_state))
+        part = super().build_part(step_id, for_part, resume_state)
+        part.__class__ = _LeanPartition  # same state, leaner messages
+        return shutdown.Stoppable(part)

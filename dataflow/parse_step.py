@@ -16,6 +16,7 @@ from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.dataflow import Stream, operator
 
 from dataflow.events import parse
+from dataflow.kafka_source import SourceMessage
 from dataflow.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
 from dataflow.model import ChangeEvent, DeadLetter
 
@@ -29,7 +30,7 @@ class ParseOut:
 
 
 def _parse_batch(
-    msgs: list[KafkaSourceMessage | KafkaError], max_bytes: int
+    msgs: list[SourceMessage | KafkaSourceMessage | KafkaError], max_bytes: int
 ) -> list[ChangeEvent | DeadLetter]:
     """Parse a batch at a time: one Python call per batch, and metrics counted once per batch."""
     out: list[ChangeEvent | DeadLetter] = []
@@ -60,7 +61,7 @@ def _parse_batch(
 
 @operator
 def parse_events(
-    step_id: str, up: Stream[KafkaSourceMessage], *, max_bytes: int = 16 * 1024 * 1024
+    step_id: str, up: Stream[SourceMessage | KafkaSourceMessage], *, max_bytes: int = 16 * 1024 * 1024
 ) -> ParseOut:
     """Decode Kafka messages into change events; branch the failures off as dead letters."""
     parsed = op.flat_map_batch("parse", up, lambda msgs: _parse_batch(msgs, max_bytes))
