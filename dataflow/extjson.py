@@ -309,24 +309,7 @@ def _classify(d: dict) -> Any:
 
 
 def _walk(root: dict | list, base: str) -> None:
-    """Replace every wrapper under `root` by its value, in place, without recursion.
-
-    The C walk visits containers in this same order and calls the same handlers
-    for anything but the usual forms of the common wrappers. When it meets a bad
-    one, everything before it has been replaced by leaf values, so walking again
-    here stops at the same wrapper and can name its path.
-    """
-    if _native is not None:
-        try:
-            _native.walk(root, _SINGLE, _classify, _PLAIN)
-            return
-        except InvalidBson:
-            pass
-    _walk_py(root, base)
-
-
-def _walk_py(root: dict | list, base: str) -> None:
-    """The reference walk."""
+    """Replace every wrapper under `root` by its value, in place, without recursion."""
     stack: list[Any] = [root]
     push, pop, single = stack.append, stack.pop, _SINGLE.get
     c: Any = root
@@ -385,6 +368,17 @@ def decode(value: Any, *, path: str = "") -> Any:
     the original). `path` prefixes the field path in `InvalidBson` messages.
     """
     t = type(value)
+    if _native is not None and (t is dict or t is list):
+        # The C walk visits containers in the order `_walk` does and calls the same handlers for
+        # anything but the usual forms of the common wrappers. When it meets a bad one, all
+        # before it has been replaced by leaf values: the Python code below stops at the same
+        # wrapper, and names its path.
+        holder = [value]
+        try:
+            _native.walk(holder, _SINGLE, _classify, _PLAIN)
+            return holder[0]
+        except InvalidBson:
+            pass
     if t is dict:
         try:
             r = _classify(value)

@@ -16,12 +16,19 @@ _BAD_DB_CHARS = frozenset('/\\. "$\x00')  # MongoDB refuses these in database na
 _MAX_SECONDS = 2**32 - 1  # ChangeEvent.seq packs seconds << 31 into an int64 (BSON t is uint32)
 
 
+_GOOD_NAMESPACES: set[tuple[str, str]] = set()  # checked once each: a pipeline sees a handful
+
+
 def check_namespace(db: str, collection: str) -> str | None:
     """Error text if `db` / `collection` cannot be MongoDB names (they become table paths)."""
+    if type(db) is str and type(collection) is str and (db, collection) in _GOOD_NAMESPACES:
+        return None
     if type(db) is not str or not db or not _BAD_DB_CHARS.isdisjoint(db):
         return f"invalid database name {db!r}"
     if type(collection) is not str or not collection or "\x00" in collection or "$" in collection:
         return f"invalid collection name {collection!r}"
+    if len(_GOOD_NAMESPACES) < 10_000:
+        _GOOD_NAMESPACES.add((db, collection))
     return None
 
 
