@@ -9,8 +9,9 @@
  *       Where the payload of a JSON-converter envelope {"schema": S, "payload": P}
  *       lies, so only P is parsed: S (the Connect schema, about a third of a
  *       Debezium message) is checked for valid JSON syntax here but never built
- *       into Python objects. None when the message does not look exactly like
- *       that, or S uses anything but plain ASCII: the caller then parses it all.
+ *       into Python objects (and a prefix once checked is remembered). None when
+ *       the message does not look exactly like that, or S uses anything but
+ *       plain ASCII: the caller then parses it all.
  *
  *   walk(root, handlers, classify, plain) -> None
  *       extjson._walk in C: replaces every Extended JSON type wrapper under root
@@ -18,6 +19,9 @@
  *       $numberInt, $numberLong, $numberDouble, $date as milliseconds) are
  *       decoded here when they have their usual form; everything else is the
  *       Python handler's job, and its exception propagates unchanged.
+ *
+ *   names_ok(d) -> bool
+ *       True when validate.check_field_names(d) would find nothing wrong.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -144,13 +148,49 @@ static int expect(scan_t *s, const char *token) {
     return scan_literal(s, token);
 }
 
+/* Prefixes `{"schema": S, "payload":` already checked: a topic's messages all
+ * carry the same schema, so most messages are one memcmp instead of a scan. */
+#define PREFIX_SLOTS 16
+#define PREFIX_MAX 8192
+static struct {
+    unsigned char *bytes;
+    Py_ssize_t len;
+} prefixes[PREFIX_SLOTS];
+static int prefix_next;
+
+static Py_ssize_t known_prefix(const unsigned char *data, Py_ssize_t size) {
+    for (int i = 0; i < PREFIX_SLOTS; i++) {
+        Py_ssize_t n = prefixes[i].len;
+        if (n > 0 && n < size && memcmp(data, prefixes[i].bytes, (size_t)n) == 0) return n;
+    }
+    return -1;
+}
+
+static void remember_prefix(const unsigned char *data, Py_ssize_t n) {
+    if (n > PREFIX_MAX) return;
+    unsigned char *copy = PyMem_Malloc((size_t)n);
+    if (copy == NULL) return; /* only a cache */
+    memcpy(copy, data, (size_t)n);
+    PyMem_Free(prefixes[prefix_next].bytes);
+    prefixes[prefix_next].bytes = copy;
+    prefixes[prefix_next].len = n;
+    prefix_next = (prefix_next + 1) % PREFIX_SLOTS;
+}
+
 static PyObject *payload_span(PyObject *module, PyObject *value) {
     if (!PyBytes_CheckExact(value)) Py_RETURN_NONE;
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(value);
-    scan_t s = {data, data + PyBytes_GET_SIZE(value)};
-    if (!expect(&s, "{") || !expect(&s, "\"schema\"") || !expect(&s, ":") || !scan_value(&s, 1) ||
-        !expect(&s, ",") || !expect(&s, "\"payload\"") || !expect(&s, ":"))
-        Py_RETURN_NONE;
+    Py_ssize_t size = PyBytes_GET_SIZE(value);
+    scan_t s = {data, data + size};
+    Py_ssize_t known = known_prefix(data, size);
+    if (known > 0) {
+        s.p = data + known;
+    } else {
+        if (!expect(&s, "{") || !expect(&s, "\"schema\"") || !expect(&s, ":") || !scan_value(&s, 1) ||
+            !expect(&s, ",") || !expect(&s, "\"payload\"") || !expect(&s, ":"))
+            Py_RETURN_NONE;
+        remember_prefix(data, s.p - data);
+    }
     const unsigned char *start = s.p;
     const unsigned char *end = s.end;
     while (end > start && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r')) end--;
@@ -432,11 +472,36 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ names_ok */
+
+/* True when every key of the dict is a non-empty str without NUL; False means
+ * "let validate.check_field_names look": it words the error. */
+static PyObject *names_ok(PyObject *module, PyObject *d) {
+    if (!PyDict_CheckExact(d)) Py_RETURN_FALSE;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k)) Py_RETURN_FALSE;
+        Py_ssize_t n = PyUnicode_GET_LENGTH(k);
+        if (n == 0) Py_RETURN_FALSE;
+        if (PyUnicode_KIND(k) == PyUnicode_1BYTE_KIND) {
+            if (memchr(PyUnicode_DATA(k), 0, (size_t)n) != NULL) Py_RETURN_FALSE;
+        } else {
+            Py_ssize_t at = PyUnicode_FindChar(k, 0, 0, n, 1);
+            if (at == -2) PyErr_Clear(); /* let the Python check see it */
+            if (at != -1) Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 /* -------------------------------------------------------------------- module */
 
 static PyMethodDef methods[] = {
     {"payload_span", (PyCFunction)payload_span, METH_O,
      "payload_span(value: bytes) -> (start, end) | None: the payload of {\"schema\": .., \"payload\": ..}"},
+    {"names_ok", (PyCFunction)names_ok, METH_O,
+     "names_ok(d: dict) -> bool: every key a non-empty str without NUL"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
      "walk(root, handlers, classify, plain) -> None: extjson._walk, natively"},
     {NULL, NULL, 0, NULL},

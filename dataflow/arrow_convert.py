@@ -144,12 +144,15 @@ def _finite(v: Any) -> Any:
 _JSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
-def to_json_text(v: Any) -> str:
-    """Lossless JSON text for any decoded value (Extended JSON for non-JSON types)."""
+def to_json_bytes(v: Any) -> bytes:
+    """Lossless JSON text, UTF-8, for any decoded value (Extended JSON for non-JSON types).
+
+    Arrow takes the bytes for a string column as they are: no Python str is built.
+    """
     out = orjson.dumps(v, default=_json_default, option=_JSON_OPTS)
     if b"null" in out:  # maybe a NaN/Infinity that orjson turned into null: redo the slow way
         out = orjson.dumps(_finite(v), default=_json_default, option=_JSON_OPTS)
-    return out.decode()
+    return out
 
 
 # ---------------------------------------------------------------- layout
@@ -275,7 +278,7 @@ def field_kinds(values: Mapping[str, list[Any]]) -> dict[str, frozenset[str]]:
 def to_array(values: list[Any], column: Column) -> pa.Array:
     """One Arrow array for the column from Python values that fit it (or are None)."""
     if column.kind == "json":
-        return pa.array([None if v is None else to_json_text(v) for v in values], pa.string())
+        return pa.array([None if v is None else to_json_bytes(v) for v in values], pa.string())
     if column.kind == "other":  # nothing fits a foreign-typed column
         return pa.nulls(len(values), column.type)
     return pa.array(values, column.type)
@@ -300,7 +303,7 @@ def build_arrays(
             fits = [v is None or kind_of(type(v)) in ok for v in col]
             out[main.name] = to_array([v if f else None for v, f in zip(col, fits, strict=True)], main)
             out[fb.name] = pa.array(  # type: ignore[union-attr]
-                [None if f else to_json_text(v) for v, f in zip(col, fits, strict=True)], pa.string()
+                [None if f else to_json_bytes(v) for v, f in zip(col, fits, strict=True)], pa.string()
             )
             continue
         if fb is not None:

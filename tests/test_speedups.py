@@ -17,7 +17,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflow import events, extjson
+from dataflow import events, extjson, validate
 from dataflow.generate import Generator
 from dataflow.model import DeadLetter
 
@@ -174,6 +174,22 @@ def test_walk_names_the_path_of_a_bad_wrapper_after_decoding_good_ones() -> None
     with pytest.raises(extjson.InvalidBson) as info:
         extjson.decode(doc)
     assert info.value.path == "b[1].c"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=4) | st.sampled_from(["", "\x00", "a\x00", "é\x00", "😀\x00b"]), st.none()
+    )
+)
+def test_field_name_check_matches_python(doc: dict) -> None:
+    fast = validate.check_field_names(doc)
+    validate._native = None
+    try:
+        slow = validate.check_field_names(doc)
+    finally:
+        validate._native = native
+    assert fast == slow
 
 
 # --- payload_span and the parse step
