@@ -22,6 +22,9 @@
  *
  *   names_ok(d) -> bool
  *       True when validate.check_field_names(d) would find nothing wrong.
+ *
+ *   columns(rows, n, skip) -> (values, types) | None
+ *       arrow_convert's per-field value lists and value types, in one pass.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -495,11 +498,76 @@ static PyObject *names_ok(PyObject *module, PyObject *d) {
     Py_RETURN_TRUE;
 }
 
+/* ------------------------------------------------------------------- columns */
+
+/* arrow_convert.field_values and the type sets field_kinds reads, in one pass:
+ * (values, types) with values {field: [value or None] * n} in order of first
+ * appearance (skip left out) and types {field: {type(v) for v not None}}.
+ * None when a row is not a dict: the Python functions then do it. */
+static PyObject *columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "columns(rows: list, n: int, skip: str)");
+        return NULL;
+    }
+    PyObject *rows = args[0], *skip = args[2];
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(rows);
+    if (count > n) {
+        PyErr_SetString(PyExc_ValueError, "more rows than n");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (!PyDict_CheckExact(PyList_GET_ITEM(rows, i))) Py_RETURN_NONE;
+    PyObject *values = PyDict_New(), *types = PyDict_New();
+    if (values == NULL || types == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(row, &pos, &k, &v)) {
+            PyObject *col = PyDict_GetItemWithError(values, k);
+            PyObject *seen;
+            if (col == NULL) {
+                if (PyErr_Occurred()) goto fail;
+                int is_skip = PyObject_RichCompareBool(k, skip, Py_EQ);
+                if (is_skip < 0) goto fail;
+                if (is_skip) continue;
+                col = PyList_New(n);
+                if (col == NULL) goto fail;
+                for (Py_ssize_t j = 0; j < n; j++) PyList_SET_ITEM(col, j, Py_NewRef(Py_None));
+                seen = PySet_New(NULL);
+                if (seen == NULL || PyDict_SetItem(values, k, col) < 0 || PyDict_SetItem(types, k, seen) < 0) {
+                    Py_DECREF(col);
+                    Py_XDECREF(seen);
+                    goto fail;
+                }
+                Py_DECREF(col); /* values and types hold them */
+                Py_DECREF(seen);
+            } else {
+                seen = PyDict_GetItemWithError(types, k);
+                if (seen == NULL) goto fail;
+            }
+            PyObject *old = PyList_GET_ITEM(col, i);
+            PyList_SET_ITEM(col, i, Py_NewRef(v));
+            Py_DECREF(old);
+            if (v != Py_None && PySet_Add(seen, (PyObject *)Py_TYPE(v)) < 0) goto fail;
+        }
+    }
+    return Py_BuildValue("(NN)", values, types);
+fail:
+    Py_XDECREF(values);
+    Py_XDECREF(types);
+    return NULL;
+}
+
 /* -------------------------------------------------------------------- module */
 
 static PyMethodDef methods[] = {
     {"payload_span", (PyCFunction)payload_span, METH_O,
      "payload_span(value: bytes) -> (start, end) | None: the payload of {\"schema\": .., \"payload\": ..}"},
+    {"columns", (PyCFunction)(void (*)(void))columns, METH_FASTCALL,
+     "columns(rows: list[dict], n: int, skip: str) -> (values, types) | None"},
     {"names_ok", (PyCFunction)names_ok, METH_O,
      "names_ok(d: dict) -> bool: every key a non-empty str without NUL"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import orjson
 import pyarrow as pa
 
+from dataflow.extjson import _native
 from dataflow.model import BsonTimestamp
 
 Kind = Literal["string", "int64", "float64", "bool", "timestamp", "binary", "bsonts", "json", "other"]
@@ -273,6 +274,25 @@ def field_kinds(values: Mapping[str, list[Any]]) -> dict[str, frozenset[str]]:
     for field, col in values.items():
         out[field] = frozenset(k for k in map(kind_of, set(map(type, col))) if k is not None)
     return out
+
+
+def field_columns(
+    rows: list[Mapping[str, Any]], skip: str = "_id"
+) -> tuple[dict[str, list[Any]], dict[str, frozenset[str]]]:
+    """`field_values` and `field_kinds` of the rows, in one pass in C when it is built.
+
+    Every value is touched once instead of twice: in a batch of ten thousand
+    documents that is most of the cost (cache misses), about 5 us per row in Python.
+    """
+    if _native is not None and type(rows) is list:
+        out = _native.columns(rows, len(rows), skip)
+        if out is not None:
+            values, types = out
+            return values, {
+                f: frozenset(k for k in map(kind_of, ts) if k is not None) for f, ts in types.items()
+            }
+    values = field_values(rows, len(rows), skip)
+    return values, field_kinds(values)
 
 
 def to_array(values: list[Any], column: Column) -> pa.Array:

@@ -28,8 +28,7 @@ from dataflow.arrow_convert import (
     Column,
     Layout,
     build_arrays,
-    field_kinds,
-    field_values,
+    field_columns,
 )
 from dataflow.model import ChangeEvent
 
@@ -254,13 +253,12 @@ class DeltaTableWriter:
 
         if self.mode == "merge":
             rows: list[Any] = collapse(fresh)
-            docs: Iterable[dict[str, Any]] = (r.values or _NO_FIELDS for r in rows)
+            docs = [r.values or _NO_FIELDS for r in rows]
         else:
             rows = fresh
-            docs = (e.doc if e.doc is not None else (e.updated or _NO_FIELDS) for e in fresh)
+            docs = [e.doc if e.doc is not None else (e.updated or _NO_FIELDS) for e in fresh]
         n = len(rows)
-        values = field_values(docs, n)
-        kinds = field_kinds(values)
+        values, kinds = field_columns(docs)
 
         layout = self._layout(dt)
         new = layout.plan(kinds)

@@ -17,7 +17,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflow import events, extjson, validate
+from dataflow import arrow_convert, events, extjson, validate
 from dataflow.generate import Generator
 from dataflow.model import DeadLetter
 
@@ -190,6 +190,28 @@ def test_field_name_check_matches_python(doc: dict) -> None:
     finally:
         validate._native = native
     assert fast == slow
+
+
+# --- columns for Arrow
+
+_cell = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=3) | st.binary(max_size=3)
+_cell = _cell | st.lists(_cell, max_size=2) | st.dictionaries(st.text(max_size=2), _cell, max_size=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.dictionaries(st.sampled_from(["_id", "a", "b", "c", "é", ""]), _cell, max_size=5), max_size=8)
+)
+def test_field_columns_match_python(rows: list[dict]) -> None:
+    fast = arrow_convert.field_columns(rows)
+    arrow_convert._native = None
+    try:
+        slow = arrow_convert.field_columns(rows)
+    finally:
+        arrow_convert._native = native
+    assert repr(fast[0]) == repr(slow[0])  # same fields, order and values (NaN included)
+    assert fast[1] == slow[1]
+    assert "_id" not in fast[0]
 
 
 # --- payload_span and the parse step
