@@ -25,6 +25,9 @@
  *
  *   columns(rows, n, skip) -> (values, types) | None
  *       arrow_convert's per-field value lists and value types, in one pass.
+ *
+ *   json_elements(buf) -> (texts, suspects) | None
+ *       orjson's text of a whole column split back into each value's text.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -561,6 +564,73 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------- json_elements */
+
+/* Split orjson's text of a list into the text of each element: (texts, suspects).
+ * texts[i] is the bytes of element i, or None when it is `null`; suspects lists
+ * the i whose text is `null` or holds "null" anywhere (orjson writes NaN and
+ * Infinity as null, so the caller redoes those one by one). None when the text
+ * is not a JSON array as expected. */
+static PyObject *json_elements(PyObject *module, PyObject *buf) {
+    if (!PyBytes_CheckExact(buf)) Py_RETURN_NONE;
+    const char *s = PyBytes_AS_STRING(buf);
+    Py_ssize_t n = PyBytes_GET_SIZE(buf);
+    if (n < 2 || s[0] != '[' || s[n - 1] != ']') Py_RETURN_NONE;
+    PyObject *texts = PyList_New(0), *suspects = PyList_New(0);
+    if (texts == NULL || suspects == NULL) goto fail;
+    if (n == 2) return Py_BuildValue("(NN)", texts, suspects);
+    Py_ssize_t start = 1, depth = 0;
+    int in_string = 0;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        char c = s[i];
+        if (in_string) {
+            if (c == '\\') i++;
+            else if (c == '"') in_string = 0;
+            continue;
+        }
+        if (c == '"') {
+            in_string = 1;
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if ((c == '}' || c == ']') && depth > 0) {
+            depth--;
+        } else if ((c == ',' && depth == 0) || (c == ']' && depth == 0 && i == n - 1)) {
+            Py_ssize_t len = i - start;
+            if (len <= 0) goto not_array;
+            const char *e = s + start;
+            int is_null = len == 4 && memcmp(e, "null", 4) == 0;
+            PyObject *item = is_null ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize(e, len);
+            if (item == NULL) goto fail;
+            Py_ssize_t index = PyList_GET_SIZE(texts);
+            int rc = PyList_Append(texts, item);
+            Py_DECREF(item);
+            if (rc < 0) goto fail;
+            int suspect = is_null;
+            for (Py_ssize_t j = 0; !suspect && j + 4 <= len; j++) suspect = memcmp(e + j, "null", 4) == 0;
+            if (suspect) {
+                PyObject *ix = PyLong_FromSsize_t(index);
+                if (ix == NULL) goto fail;
+                rc = PyList_Append(suspects, ix);
+                Py_DECREF(ix);
+                if (rc < 0) goto fail;
+            }
+            start = i + 1;
+        } else if (c == ']' || c == '}') {
+            goto not_array; /* unbalanced */
+        }
+    }
+    if (in_string || depth != 0 || start != n) goto not_array;
+    return Py_BuildValue("(NN)", texts, suspects);
+not_array:
+    Py_DECREF(texts);
+    Py_DECREF(suspects);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(texts);
+    Py_XDECREF(suspects);
+    return NULL;
+}
+
 /* -------------------------------------------------------------------- module */
 
 static PyMethodDef methods[] = {
@@ -568,6 +638,8 @@ static PyMethodDef methods[] = {
      "payload_span(value: bytes) -> (start, end) | None: the payload of {\"schema\": .., \"payload\": ..}"},
     {"columns", (PyCFunction)(void (*)(void))columns, METH_FASTCALL,
      "columns(rows: list[dict], n: int, skip: str) -> (values, types) | None"},
+    {"json_elements", (PyCFunction)json_elements, METH_O,
+     "json_elements(buf: bytes) -> (texts, suspects) | None: orjson's list text split per element"},
     {"names_ok", (PyCFunction)names_ok, METH_O,
      "names_ok(d: dict) -> bool: every key a non-empty str without NUL"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,

@@ -295,10 +295,32 @@ def field_columns(
     return values, field_kinds(values)
 
 
+def json_array(values: list[Any]) -> pa.Array:
+    """A string array of each value's `to_json_bytes` (None stays null).
+
+    With the C speed-ups: one orjson call for the whole column, split back into
+    each value's text in C (orjson writes a list's items as it writes each alone),
+    instead of one call per value. Items whose text is or holds `null` (a NaN or
+    Infinity may hide there) are redone one by one.
+    """
+    if _native is not None:
+        try:
+            split = _native.json_elements(orjson.dumps(values, default=_json_default, option=_JSON_OPTS))
+        except orjson.JSONEncodeError:  # too deep as one list, say: the one-by-one path decides
+            split = None
+        if split is not None and len(split[0]) == len(values):
+            texts, suspects = split
+            for i in suspects:
+                v = values[i]
+                texts[i] = None if v is None else to_json_bytes(v)
+            return pa.array(texts, pa.string())
+    return pa.array([None if v is None else to_json_bytes(v) for v in values], pa.string())
+
+
 def to_array(values: list[Any], column: Column) -> pa.Array:
     """One Arrow array for the column from Python values that fit it (or are None)."""
     if column.kind == "json":
-        return pa.array([None if v is None else to_json_bytes(v) for v in values], pa.string())
+        return json_array(values)
     if column.kind == "other":  # nothing fits a foreign-typed column
         return pa.nulls(len(values), column.type)
     return pa.array(values, column.type)
@@ -322,8 +344,8 @@ def build_arrays(
         else:
             fits = [v is None or kind_of(type(v)) in ok for v in col]
             out[main.name] = to_array([v if f else None for v, f in zip(col, fits, strict=True)], main)
-            out[fb.name] = pa.array(  # type: ignore[union-attr]
-                [None if f else to_json_bytes(v) for v, f in zip(col, fits, strict=True)], pa.string()
+            out[fb.name] = json_array(  # type: ignore[union-attr]
+                [None if f else v for v, f in zip(col, fits, strict=True)]
             )
             continue
         if fb is not None:

@@ -214,6 +214,35 @@ def test_field_columns_match_python(rows: list[dict]) -> None:
     assert "_id" not in fast[0]
 
 
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.sampled_from(['a,"b"]', "null", "[{", "\\", "é", 'x\\"]'])
+    | st.text(max_size=4)
+    | st.binary(max_size=3)
+    | st.datetimes(timezones=st.just(UTC))
+)
+_json_value = st.recursive(
+    _json_leaf,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=3), kids, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_json_value, max_size=6))
+def test_json_column_matches_one_value_at_a_time(values: list) -> None:
+    fast = arrow_convert.json_array(values).to_pylist()
+    arrow_convert._native = None
+    try:
+        slow = arrow_convert.json_array(values).to_pylist()
+    finally:
+        arrow_convert._native = native
+    assert fast == slow
+
+
 # --- payload_span and the parse step
 
 
