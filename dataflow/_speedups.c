@@ -28,6 +28,9 @@
  *
  *   json_elements(buf) -> (texts, suspects) | None
  *       orjson's text of a whole column split back into each value's text.
+ *
+ *   timestamps_us(values) -> (data, validity, null_count) | None
+ *       A timestamp[us, UTC] column's Arrow buffers from UTC datetimes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -631,6 +634,60 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------- timestamps_us */
+
+static long long days_from_civil(long long y, unsigned m, unsigned d) {
+    y -= m <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    unsigned yoe = (unsigned)(y - era * 400);
+    unsigned doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+    unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + (long long)doe - 719468;
+}
+
+/* A timestamp[us, UTC] column's buffers from datetimes in UTC (or None):
+ * (values: bytes of int64 microseconds since the epoch, validity: bytes | None,
+ * null_count). None when any value is something else (another time zone, a
+ * naive datetime, a subclass): the caller lets pyarrow convert them. */
+static PyObject *timestamps_us(PyObject *module, PyObject *values) {
+    if (!PyList_CheckExact(values)) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(values), nulls = 0;
+    PyObject *data = PyBytes_FromStringAndSize(NULL, n * 8);
+    PyObject *valid = PyBytes_FromStringAndSize(NULL, (n + 7) / 8);
+    if (data == NULL || valid == NULL) {
+        Py_XDECREF(data);
+        Py_XDECREF(valid);
+        return NULL;
+    }
+    int64_t *out = (int64_t *)PyBytes_AS_STRING(data);
+    unsigned char *bits = (unsigned char *)PyBytes_AS_STRING(valid);
+    memset(bits, 0, (size_t)(n + 7) / 8);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(values, i);
+        if (v == Py_None) {
+            out[i] = 0;
+            nulls++;
+            continue;
+        }
+        if (!PyDateTime_CheckExact(v) || PyDateTime_DATE_GET_TZINFO(v) != PyDateTime_TimeZone_UTC) {
+            Py_DECREF(data);
+            Py_DECREF(valid);
+            Py_RETURN_NONE;
+        }
+        long long days = days_from_civil(PyDateTime_GET_YEAR(v), (unsigned)PyDateTime_GET_MONTH(v),
+                                         (unsigned)PyDateTime_GET_DAY(v));
+        long long secs = days * 86400LL + PyDateTime_DATE_GET_HOUR(v) * 3600LL +
+                         PyDateTime_DATE_GET_MINUTE(v) * 60LL + PyDateTime_DATE_GET_SECOND(v);
+        out[i] = secs * 1000000LL + PyDateTime_DATE_GET_MICROSECOND(v);
+        bits[i / 8] |= (unsigned char)(1u << (i % 8));
+    }
+    if (nulls == 0) {
+        Py_DECREF(valid);
+        valid = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(NNn)", data, valid, nulls);
+}
+
 /* -------------------------------------------------------------------- module */
 
 static PyMethodDef methods[] = {
@@ -642,6 +699,8 @@ static PyMethodDef methods[] = {
      "json_elements(buf: bytes) -> (texts, suspects) | None: orjson's list text split per element"},
     {"names_ok", (PyCFunction)names_ok, METH_O,
      "names_ok(d: dict) -> bool: every key a non-empty str without NUL"},
+    {"timestamps_us", (PyCFunction)timestamps_us, METH_O,
+     "timestamps_us(values: list) -> (data, validity, null_count) | None: UTC datetimes as int64 us"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
      "walk(root, handlers, classify, plain) -> None: extjson._walk, natively"},
     {NULL, NULL, 0, NULL},

@@ -323,6 +323,13 @@ def to_array(values: list[Any], column: Column) -> pa.Array:
         return json_array(values)
     if column.kind == "other":  # nothing fits a foreign-typed column
         return pa.nulls(len(values), column.type)
+    if column.kind == "timestamp" and _native is not None:
+        # Decoded dates are UTC datetimes: their microseconds straight into the Arrow buffers.
+        bufs = _native.timestamps_us(values)
+        if bufs is not None:
+            data, valid, nulls = bufs
+            buffers = [None if valid is None else pa.py_buffer(valid), pa.py_buffer(data)]
+            return pa.Array.from_buffers(TIMESTAMP_UTC, len(values), buffers, null_count=nulls)
     return pa.array(values, column.type)
 
 

@@ -12,6 +12,7 @@ import random
 from datetime import UTC, datetime
 
 import orjson
+import pyarrow as pa
 import pytest
 from bytewax.connectors.kafka import KafkaSourceMessage
 from hypothesis import given, settings
@@ -241,6 +242,24 @@ def test_json_column_matches_one_value_at_a_time(values: list) -> None:
     finally:
         arrow_convert._native = native
     assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.none()
+        | st.datetimes(timezones=st.just(UTC))
+        | st.datetimes(timezones=st.timezones())
+        | st.datetimes(),
+        max_size=10,
+    )
+)
+def test_timestamp_column_matches_pyarrow(values: list) -> None:
+    column = arrow_convert.Column("t", "timestamp", "value", "t")
+    fast = arrow_convert.to_array(values, column)
+    expected = pa.array(values, arrow_convert.TIMESTAMP_UTC)
+    fast.validate(full=True)
+    assert fast.equals(expected)
 
 
 # --- payload_span and the parse step
