@@ -21,6 +21,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 
 from dataflow import extjson, validate
 from dataflow.extjson import _native
+from dataflow.kafka_source import SourceMessage
 from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason
 
 __all__ = ["DEFAULT_MAX_BYTES", "parse"]
@@ -265,7 +266,10 @@ def _event(
 ) -> ChangeEvent:
     if doc is not None and "_id" not in doc:
         doc = {"_id": id_value, **doc}
-    topic, partition, offset = _attr(msg, "topic"), _attr(msg, "partition"), _attr(msg, "offset")
+    if type(msg) is SourceMessage:  # what the Kafka source emits: no attribute can be missing
+        key, _, topic, partition, offset, _ = msg
+    else:
+        key, topic, partition, offset = (_attr(msg, a) for a in ("key", "topic", "partition", "offset"))
     return ChangeEvent(
         db=db,
         collection=coll,
@@ -278,7 +282,7 @@ def _event(
         partition=partition if type(partition) is int else -1,
         offset=offset if type(offset) is int else -1,
         size=len(value),
-        raw_key=_as_bytes(_attr(msg, "key")),
+        raw_key=_as_bytes(key),
         raw_value=value,
     )
 

@@ -398,6 +398,8 @@ def loads(text: str | bytes, *, path: str = "") -> Any:
     value = orjson.loads(text)
     if type(value) is not dict and type(value) is not list:
         return value
+    if _native is not None:  # walking a document without wrappers costs less than searching its text
+        return decode(value, path=path)
     if isinstance(text, str):
         maybe = '"$' in text or "\\u0024" in text
     else:
