@@ -1,9 +1,11 @@
-/* Native versions of the two hottest loops of the parse step.
+/* Native versions of the per-value loops of the parse step and the Arrow conversion.
  *
- * Both are exact stand-ins for Python code that stays the reference
- * (dataflow/extjson.py, dataflow/events.py): anything they are not sure of is
- * handed back to it, so the accepted inputs, the values and the errors are the
- * same whether or not this module is built.
+ * Each is an exact stand-in for Python code that stays the reference
+ * (dataflow/extjson.py, events.py, validate.py, arrow_convert.py): anything
+ * they are not sure of is handed back to it, so the accepted inputs, the
+ * values and the errors are the same whether or not this module is built
+ * (dataflow/speedups.py switches between them; tests/test_speedups.py
+ * compares them).
  *
  *   payload_span(value) -> (start, end) | None
  *       Where the payload of a JSON-converter envelope {"schema": S, "payload": P}

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import orjson
 import pyarrow as pa
 
-from dataflow.extjson import _native
+from dataflow import speedups
 from dataflow.model import BsonTimestamp
 
 Kind = Literal["string", "int64", "float64", "bool", "timestamp", "binary", "bsonts", "json", "other"]
@@ -284,8 +284,9 @@ def field_columns(
     Every value is touched once instead of twice: in a batch of ten thousand
     documents that is most of the cost (cache misses), about 5 us per row in Python.
     """
-    if _native is not None and type(rows) is list:
-        out = _native.columns(rows, len(rows), skip)
+    native = speedups.native
+    if native is not None and type(rows) is list:
+        out = native.columns(rows, len(rows), skip)
         if out is not None:
             values, types = out
             return values, {
@@ -303,9 +304,10 @@ def json_array(values: list[Any]) -> pa.Array:
     instead of one call per value. Items whose text is or holds `null` (a NaN or
     Infinity may hide there) are redone one by one.
     """
-    if _native is not None:
+    native = speedups.native
+    if native is not None:
         try:
-            split = _native.json_elements(orjson.dumps(values, default=_json_default, option=_JSON_OPTS))
+            split = native.json_elements(orjson.dumps(values, default=_json_default, option=_JSON_OPTS))
         except orjson.JSONEncodeError:  # too deep as one list, say: the one-by-one path decides
             split = None
         if split is not None and len(split[0]) == len(values):
@@ -323,9 +325,10 @@ def to_array(values: list[Any], column: Column) -> pa.Array:
         return json_array(values)
     if column.kind == "other":  # nothing fits a foreign-typed column
         return pa.nulls(len(values), column.type)
-    if column.kind == "timestamp" and _native is not None:
+    native = speedups.native
+    if column.kind == "timestamp" and native is not None:
         # Decoded dates are UTC datetimes: their microseconds straight into the Arrow buffers.
-        bufs = _native.timestamps_us(values)
+        bufs = native.timestamps_us(values)
         if bufs is not None:
             data, valid, nulls = bufs
             buffers = [None if valid is None else pa.py_buffer(valid), pa.py_buffer(data)]

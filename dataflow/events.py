@@ -19,8 +19,7 @@ from typing import Any
 import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 
-from dataflow import extjson, validate
-from dataflow.extjson import _native
+from dataflow import extjson, speedups, validate
 from dataflow.kafka_source import SourceMessage
 from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason
 
@@ -193,9 +192,10 @@ def _schema_payload(text: bytes, where: str) -> Any:
     and only that is parsed. _MISSING (the full parse must do it, and word any
     error) when the scanner is not built, not sure, or the payload is not JSON.
     """
-    if _native is None or type(text) is not bytes:
+    native = speedups.native
+    if native is None or type(text) is not bytes:
         return _MISSING
-    span = _native.payload_span(text)
+    span = native.payload_span(text)
     if span is None:
         return _MISSING
     try:

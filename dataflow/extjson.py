@@ -39,12 +39,8 @@ from typing import Any
 
 import orjson
 
+from dataflow import speedups
 from dataflow.model import BsonTimestamp
-
-try:  # the same walk in C (dataflow/_speedups.c); this module works without it, slower
-    from dataflow import _speedups as _native
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _native = None
 
 __all__ = ["InvalidBson", "decode", "id_text", "loads"]
 
@@ -368,14 +364,15 @@ def decode(value: Any, *, path: str = "") -> Any:
     the original). `path` prefixes the field path in `InvalidBson` messages.
     """
     t = type(value)
-    if _native is not None and (t is dict or t is list):
+    native = speedups.native
+    if native is not None and (t is dict or t is list):
         # The C walk visits containers in the order `_walk` does and calls the same handlers for
         # anything but the usual forms of the common wrappers. When it meets a bad one, all
         # before it has been replaced by leaf values: the Python code below stops at the same
         # wrapper, and names its path.
         holder = [value]
         try:
-            _native.walk(holder, _SINGLE, _classify, _PLAIN)
+            native.walk(holder, _SINGLE, _classify, _PLAIN)
             return holder[0]
         except InvalidBson:
             pass
@@ -398,7 +395,7 @@ def loads(text: str | bytes, *, path: str = "") -> Any:
     value = orjson.loads(text)
     if type(value) is not dict and type(value) is not list:
         return value
-    if _native is not None:  # walking a document without wrappers costs less than searching its text
+    if speedups.native is not None:  # walking a document without wrappers costs less than searching it
         return decode(value, path=path)
     if isinstance(text, str):
         maybe = '"$' in text or "\\u0024" in text

@@ -15,7 +15,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
-from dataflow import extjson, logs, recovery, shutdown
+from dataflow import logs, recovery, shutdown, speedups
 from dataflow.batching import BatchLimits, batch_by_table
 from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
 from dataflow.kafka_admin import end_offsets, match_topics, partitions_of
@@ -152,7 +152,7 @@ def main() -> Dataflow:
     partitions = topic_partitions(settings)
     prepare_recovery(settings, partitions)
     flow = build_flow(settings, partitions)
-    if extjson._native is None:
+    if speedups.native is None:
         log.warning("dataflow._speedups is not built (no C compiler at install?): parsing runs slower")
     tune_gc()
     return flow

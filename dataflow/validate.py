@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dataflow.extjson import _native, id_text
+from dataflow import speedups
+from dataflow.extjson import id_text
 from dataflow.model import ChangeEvent
 
 _OPS = frozenset({"insert", "update", "replace", "delete"})
@@ -34,7 +35,8 @@ def check_namespace(db: str, collection: str) -> str | None:
 
 def check_field_names(names: Iterable[str]) -> str | None:
     """Error text if a top-level field name is empty or holds NUL (they become columns)."""
-    if _native is not None and type(names) is dict and _native.names_ok(names):
+    native = speedups.native
+    if native is not None and type(names) is dict and native.names_ok(names):
         return None
     for name in names:
         if not name or "\x00" in name:

@@ -18,32 +18,25 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflow import arrow_convert, events, extjson, validate
+from dataflow import arrow_convert, events, extjson, speedups, validate
 from dataflow.generate import Generator
 from dataflow.model import DeadLetter
 
-native = extjson._native
+native = speedups.native
+
+
+def slow(fn, *args):
+    """`fn(*args)` with the C code switched off: the pure-Python reference."""
+    speedups.native = None
+    try:
+        return fn(*args)
+    finally:
+        speedups.native = native
 
 
 def test_the_extension_is_built() -> None:
     # `make install` compiles it; without it the pipeline still works, parsing about 1.5x slower.
     assert native is not None, "dataflow._speedups is not built: is a C compiler installed?"
-
-
-@pytest.fixture
-def python_only(monkeypatch: pytest.MonkeyPatch):
-    """Run a block with the C code switched off."""
-
-    class Switch:
-        def __enter__(self) -> None:
-            monkeypatch.setattr(extjson, "_native", None)
-            monkeypatch.setattr(events, "_native", None)
-
-        def __exit__(self, *exc: object) -> None:
-            monkeypatch.setattr(extjson, "_native", native)
-            monkeypatch.setattr(events, "_native", native)
-
-    return Switch()
 
 
 def same(r: object) -> object:
@@ -143,13 +136,7 @@ _anything = st.recursive(
 @given(_anything)
 def test_walk_matches_python(value: object) -> None:
     doc = {"f": value, "g": [value, {"h": value}]}
-    fast = outcome(extjson.decode, copy.deepcopy(doc))
-    extjson._native = None
-    try:
-        slow = outcome(extjson.decode, copy.deepcopy(doc))
-    finally:
-        extjson._native = native
-    assert fast == slow
+    assert outcome(extjson.decode, copy.deepcopy(doc)) == slow(outcome, extjson.decode, copy.deepcopy(doc))
 
 
 @pytest.mark.parametrize(
@@ -184,13 +171,7 @@ def test_walk_names_the_path_of_a_bad_wrapper_after_decoding_good_ones() -> None
     )
 )
 def test_field_name_check_matches_python(doc: dict) -> None:
-    fast = validate.check_field_names(doc)
-    validate._native = None
-    try:
-        slow = validate.check_field_names(doc)
-    finally:
-        validate._native = native
-    assert fast == slow
+    assert validate.check_field_names(doc) == slow(validate.check_field_names, doc)
 
 
 # --- columns for Arrow
@@ -204,14 +185,9 @@ _cell = _cell | st.lists(_cell, max_size=2) | st.dictionaries(st.text(max_size=2
     st.lists(st.dictionaries(st.sampled_from(["_id", "a", "b", "c", "é", ""]), _cell, max_size=5), max_size=8)
 )
 def test_field_columns_match_python(rows: list[dict]) -> None:
-    fast = arrow_convert.field_columns(rows)
-    arrow_convert._native = None
-    try:
-        slow = arrow_convert.field_columns(rows)
-    finally:
-        arrow_convert._native = native
-    assert repr(fast[0]) == repr(slow[0])  # same fields, order and values (NaN included)
-    assert fast[1] == slow[1]
+    fast, reference = arrow_convert.field_columns(rows), slow(arrow_convert.field_columns, rows)
+    assert repr(fast[0]) == repr(reference[0])  # same fields, order and values (NaN included)
+    assert fast[1] == reference[1]
     assert "_id" not in fast[0]
 
 
@@ -235,13 +211,7 @@ _json_value = st.recursive(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_json_value, max_size=6))
 def test_json_column_matches_one_value_at_a_time(values: list) -> None:
-    fast = arrow_convert.json_array(values).to_pylist()
-    arrow_convert._native = None
-    try:
-        slow = arrow_convert.json_array(values).to_pylist()
-    finally:
-        arrow_convert._native = native
-    assert fast == slow
+    assert arrow_convert.json_array(values).to_pylist() == slow(arrow_convert.json_array, values).to_pylist()
 
 
 @settings(max_examples=300, deadline=None)
@@ -295,7 +265,7 @@ def _variants(value: bytes) -> list[bytes]:
     return out
 
 
-def test_parse_matches_python_on_every_envelope_and_its_breakages(python_only) -> None:
+def test_parse_matches_python_on_every_envelope_and_its_breakages() -> None:
     msgs = _messages()
     cases = []
     for m in msgs:
@@ -303,10 +273,8 @@ def test_parse_matches_python_on_every_envelope_and_its_breakages(python_only) -
             for key in (m.key, m.key[:-2] if m.key else m.key):
                 cases.append(KafkaSourceMessage(key, v, topic=m.topic, partition=0, offset=m.offset))
     fast = [same(events.parse(m)) for m in cases]
-    with python_only:
-        slow = [same(events.parse(m)) for m in cases]
     assert len({type(r) for r in fast}) > 1  # both events and dead letters are in there
-    assert fast == slow
+    assert fast == slow(lambda: [same(events.parse(m)) for m in cases])
 
 
 def test_payload_span_reads_only_exactly_schema_then_payload() -> None:
@@ -330,10 +298,4 @@ def test_parse_matches_python_on_random_bytes(noise: bytes, seed: int) -> None:
     value = base.value or b"{}"
     cut = random.Random(seed).randrange(len(value) + 1)
     msg = KafkaSourceMessage(base.key, value[:cut] + noise + value[cut:], topic=base.topic, offset=1)
-    fast = same(events.parse(msg))
-    events._native = extjson._native = None
-    try:
-        slow = same(events.parse(msg))
-    finally:
-        events._native = extjson._native = native
-    assert fast == slow
+    assert same(events.parse(msg)) == slow(lambda: same(events.parse(msg)))
