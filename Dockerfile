@@ -27,7 +27,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what `pip install .` needs (see .dockerignore): the runtime dependencies
 # are pinned in pyproject.toml; the dev extra (pytest, ruff, ...) is not installed.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY dataflow ./dataflow
 RUN pip install . \
     && python -c "import dataflow._speedups" \

@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install services services-stop test lint format demo bench clean
 
-$(VENV)/.installed: pyproject.toml dataflow/_speedups.c
+$(VENV)/.installed: pyproject.toml setup.py dataflow/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
