@@ -153,7 +153,9 @@ def main() -> Dataflow:
     prepare_recovery(settings, partitions)
     flow = build_flow(settings, partitions)
     if speedups.native is None:
-        log.warning("dataflow._speedups is not built (no C compiler at install?): parsing runs slower")
+        log.warning(
+            "dataflow._speedups is not built (no C compiler at install?): parsing and Arrow conversion run in pure Python, slower"
+        )
     tune_gc()
     return flow
 
