@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml setup.py dataflow/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c 'import dataflow._speedups' 2>/dev/null || echo "WARNING: dataflow/_speedups.c did not build" \
+	  "(needs a C compiler and the Python headers, e.g. gcc and python3-dev): the pipeline runs, slower," \
+	  "and make test fails on test_the_extension_is_built. Install them, then: touch setup.py && make install" >&2
 	touch $@
 
 ## install: Python packages, Kafka jars (Maven), MinIO (go install), promtool (apt), and the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import random
 from datetime import UTC, datetime
 
@@ -36,7 +37,10 @@ def slow(fn, *args):
 
 def test_the_extension_is_built() -> None:
     # `make install` compiles it; without it the pipeline still works, parsing about 1.5x slower.
-    assert native is not None, "dataflow._speedups is not built: is a C compiler installed?"
+    assert native is not None, (
+        "dataflow._speedups is not built: install a C compiler and the Python headers"
+        " (e.g. gcc and python3-dev), then `touch setup.py && make install`"
+    )
 
 
 def same(r: object) -> object:
@@ -235,6 +239,7 @@ def test_timestamp_column_matches_pyarrow(values: list) -> None:
 # --- payload_span and the parse step
 
 
+@functools.cache
 def _messages() -> list[KafkaSourceMessage]:
     gen = Generator(seed=7, doc_bytes=200, corrupt_ratio=0.05, drift_collection=True)
     out = []
