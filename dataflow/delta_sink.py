@@ -50,6 +50,7 @@ _APPEND_META = (
 )
 _NO_FIELDS: dict[str, Any] = {}
 _MODE_KEY = "cdc.mode"  # table property recording the writer mode
+_SCHEMA_ATTEMPTS = 3  # schema commits per batch before giving the batch back to the retry layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,59 +232,73 @@ class DeltaTableWriter:
         return self._commit(prepared)
 
     def _prepare(self, events: list[ChangeEvent]) -> _Prepared | WriteResult:
-        """Refresh, drop what is committed, collapse, evolve the schema, build the Arrow source."""
-        dt = self._refresh()
-        sources = {(e.topic, e.partition) for e in events}
-        done = self._recorded(dt, sources)
-        fresh: list[ChangeEvent] = []
-        offsets: dict[Source, int] = {}
-        seen: set[tuple[str, int, int]] = set()
-        for e in events:
-            src = (e.topic, e.partition)
-            key = (e.topic, e.partition, e.offset)
-            if e.offset <= done.get(src, -1) or key in seen:
+        """Refresh, drop what is committed, collapse, evolve the schema, build the Arrow source.
+
+        The txn check must be made on the very table version the data commit
+        starts from: delta-rs refuses that commit if a later one recorded the
+        same app ids, but not if the check itself looked at an older version.
+        Creating the table or adding columns is a commit of its own, in which a
+        rival writer may land this batch, so after one the check starts over.
+        """
+        added: tuple[str, ...] = ()
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            dt = self._refresh()
+            sources = {(e.topic, e.partition) for e in events}
+            done = self._recorded(dt, sources)
+            fresh: list[ChangeEvent] = []
+            offsets: dict[Source, int] = {}
+            seen: set[tuple[str, int, int]] = set()
+            for e in events:
+                src = (e.topic, e.partition)
+                key = (e.topic, e.partition, e.offset)
+                if e.offset <= done.get(src, -1) or key in seen:
+                    continue
+                seen.add(key)
+                fresh.append(e)
+                if e.offset > offsets.get(src, -1):
+                    offsets[src] = e.offset
+            skipped = len(events) - len(fresh)
+            if not fresh:
+                return WriteResult(len(events), skipped, 0, None if dt is None else dt.version())
+
+            if self.mode == "merge":
+                rows: list[Any] = collapse(fresh)
+                docs = [r.values or _NO_FIELDS for r in rows]
+            else:
+                rows = fresh
+                docs = [e.doc if e.doc is not None else (e.updated or _NO_FIELDS) for e in fresh]
+            n = len(rows)
+            values, kinds = field_columns(docs)
+
+            layout = self._layout(dt)
+            new = layout.plan(kinds)
+            if new or dt is None:
+                try:
+                    self._add_columns(dt, layout, new)
+                    added += tuple(c.name for c in new)
+                except Exception:
+                    if attempt == _SCHEMA_ATTEMPTS - 1:
+                        raise
+                    # e.g. a rival added the same columns first ("Metadata changed"): look again
                 continue
-            seen.add(key)
-            fresh.append(e)
-            if e.offset > offsets.get(src, -1):
-                offsets[src] = e.offset
-        skipped = len(events) - len(fresh)
-        if not fresh:
-            return WriteResult(len(events), skipped, 0, None if dt is None else dt.version())
 
-        if self.mode == "merge":
-            rows: list[Any] = collapse(fresh)
-            docs = [r.values or _NO_FIELDS for r in rows]
-        else:
-            rows = fresh
-            docs = [e.doc if e.doc is not None else (e.updated or _NO_FIELDS) for e in fresh]
-        n = len(rows)
-        values, kinds = field_columns(docs)
-
-        layout = self._layout(dt)
-        new = layout.plan(kinds)
-        if new or dt is None:
-            dt = self._add_columns(dt, layout, new)
-            layout = self._layout(dt)  # the table, not our plan, is the truth
-            if layout.plan(kinds):
-                raise RuntimeError(f"schema of {self.uri} changed concurrently; retry the batch")
-
-        arrays = build_arrays(layout, values, kinds)
-        arrays.update(self._meta_arrays(rows))
-        columns = [arrays[c.name] if c.name in arrays else pa.nulls(n, c.type) for c in layout.columns]
-        schema = layout.schema()
-        prepared = _Prepared(
-            events=len(events),
-            skipped=skipped,
-            rows=n,
-            offsets=offsets,
-            source=pa.Table.from_arrays(columns, schema=schema),
-            schema=schema,
-            new_columns=tuple(c.name for c in new),
-        )
-        if self.mode == "merge":
-            self._merge_source(prepared, layout, rows)
-        return prepared
+            arrays = build_arrays(layout, values, kinds)
+            arrays.update(self._meta_arrays(rows))
+            columns = [arrays[c.name] if c.name in arrays else pa.nulls(n, c.type) for c in layout.columns]
+            schema = layout.schema()
+            prepared = _Prepared(
+                events=len(events),
+                skipped=skipped,
+                rows=n,
+                offsets=offsets,
+                source=pa.Table.from_arrays(columns, schema=schema),
+                schema=schema,
+                new_columns=added,
+            )
+            if self.mode == "merge":
+                self._merge_source(prepared, layout, rows)
+            return prepared
+        raise RuntimeError(f"schema of {self.uri} kept changing concurrently; retry the batch")
 
     def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> DeltaTable:
         """Record new columns, with their type decisions as field metadata, in one commit."""

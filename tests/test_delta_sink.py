@@ -325,6 +325,42 @@ def test_ambiguous_commit_resolved_from_txn_versions(writer, lake_uri, storage_o
     assert sorted(r["_id"] for r in rows(lake_uri, storage_options)) == ["a", "b", "seed"]
 
 
+class _Overtaken(DeltaTableWriter):
+    """A writer that a rival overtakes with the same batch between its txn check and its schema commit.
+
+    That window is real: the check reads the table, then creating the table or
+    adding a column is a commit of its own, and the data commit comes after it.
+    """
+
+    rival: DeltaTableWriter | None = None
+    rival_batch: list[ChangeEvent] = []
+
+    def _add_columns(self, dt, layout, new):
+        if self.rival is not None:
+            rival, self.rival = self.rival, None
+            rival.write(self.rival_batch)
+        return super()._add_columns(dt, layout, new)
+
+
+@pytest.mark.parametrize("mode", ["merge", "append"])
+@pytest.mark.parametrize("schema_change", ["create the table", "add a column"])
+def test_overtaken_during_a_schema_change_writes_nothing_twice(
+    writer, lake_uri, storage_options, mode, schema_change
+):
+    if schema_change == "add a column":
+        writer(mode).write([ev("seed", doc={"n": 0}, offset=0)])
+    batch = [ev(f"id{i}", doc={"n": i, "extra": f"x{i}"}, offset=i) for i in range(1, 6)]
+    w = _Overtaken(lake_uri, mode=mode, storage_options=storage_options)
+    w.rival, w.rival_batch = writer(mode), batch
+    result = w.write(batch)
+    assert w.rival is None, "the rival never ran: the test did not exercise the race"
+    assert (result.skipped, result.rows_written) == (5, 0)
+    got = rows(lake_uri, storage_options)
+    assert len(got) == len({r["_id"] for r in got}) == (6 if schema_change == "add a column" else 5)
+    if mode == "append":
+        assert sorted(r["_source_offset"] for r in got)[-5:] == [1, 2, 3, 4, 5]
+
+
 @pytest.mark.parametrize("mode", ["merge", "append"])
 def test_failed_commit_not_covered_reraises(writer, lake_uri, storage_options, mode):
     writer(mode).write([ev("seed", doc={"n": 0}, offset=0)])
