@@ -46,7 +46,6 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     gen = Generator(collections=3, prefix=f"crash{tmp_path.name[-6:]}", seed=21, doc_bytes=500)
     messages = list(gen.messages(200_000))
     kafka.create_topics(gen.topics, partitions=4)
-    produce(kafka.bootstrap, iter(messages))
     model = Model()
     model.apply(messages)
     bucket = s3.bucket("crash")
@@ -54,10 +53,14 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     recovery_dir = tmp_path / "recovery"
     log = tmp_path / "pipeline.log"
 
+    # New changes arrive between crashes, and the killed lives never stop at the end of
+    # the topic: every life is killed, however fast the pipeline has become.
+    lives = 12
+    slices = [messages[i * len(messages) // lives : (i + 1) * len(messages) // lives] for i in range(lives)]
     kills = in_commit = 0
     deleted_store = garbage_store = False
     deadline = time.monotonic() + 900
-    while kills < 12 and time.monotonic() < deadline:
+    while kills < lives and time.monotonic() < deadline:
         if kills == 4 and not deleted_store:
             shutil.rmtree(recovery_dir)
             deleted_store = True
@@ -65,16 +68,15 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
             victim = sorted(recovery_dir.glob("part-*.sqlite3"))[rng.randrange(16)]
             victim.write_bytes(rng.randbytes(4096))
             garbage_store = True
-        p = PipelineProcess(env, log)
+        produce(kafka.bootstrap, iter(slices[kills]))
+        p = PipelineProcess({**env, "CDC_STOP_AT_END": "0"}, log)
         if kills % 2 == 0:
             # Aim at the commit window: kill a few milliseconds after a commit begins.
             p.commit_begun.wait(timeout=60)
             time.sleep(rng.uniform(0.0, 0.15))
         else:
             time.sleep(rng.uniform(2.0, 8.0))
-        if p.proc.poll() is not None:
-            assert p.wait(10) == 0, p.tail()
-            break  # finished before we could kill it
+        assert p.proc.poll() is None, "a pipeline that should run until killed exited:\n" + p.tail()
         if kills % 2 == 0 and p.commit_begun.is_set():
             in_commit += 1
         p.kill(signal.SIGKILL)
