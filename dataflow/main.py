@@ -6,7 +6,6 @@ Kafka (or the bundled sample) → parse ──bad──→ DLQ topic / fallback 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -15,7 +14,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
-from dataflow import logs, recovery, shutdown, speedups
+from dataflow import gc_timer, logs, recovery, shutdown, speedups
 from dataflow.batching import BatchLimits, batch_by_table
 from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
 from dataflow.kafka_admin import end_offsets, match_topics, partitions_of
@@ -130,20 +129,6 @@ def prepare_recovery(settings: Settings, partitions: dict[str, int]) -> None:
         recovery.wait_ready(directory, timeout=120)
 
 
-def tune_gc() -> None:
-    """Make Python's cycle collector cheap for a process that holds batches of decoded documents.
-
-    Open batches keep tens of thousands of dicts alive, and with the default
-    thresholds the collector walks all of them again and again: about a quarter
-    of the CPU in the benchmark. Everything alive once the flow is built (modules,
-    clients) is frozen out of its reach, and it runs every 50,000 allocations
-    instead of every 700. Reference counting still frees everything acyclic at once.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 def main() -> Dataflow:
     """Build the flow from the environment (this runs on import, as `bytewax.run` expects)."""
     logs.configure()
@@ -156,7 +141,7 @@ def main() -> Dataflow:
         log.warning(
             "dataflow._speedups is not built (no C compiler at install?): parsing and Arrow conversion run in pure Python, slower"
         )
-    tune_gc()
+    gc_timer.install()
     return flow
 
 

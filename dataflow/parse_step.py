@@ -15,6 +15,7 @@ import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.dataflow import Stream, operator
 
+from dataflow import gc_timer
 from dataflow.events import parse
 from dataflow.kafka_source import SourceMessage
 from dataflow.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
@@ -56,6 +57,7 @@ def _parse_batch(
         TOMBSTONES.labels(topic).inc(n)
     for (table, op_name), n in parsed.items():
         EVENTS_PARSED.labels(table, op_name).inc(n)
+    gc_timer.collect_if_due()
     return out
 
 
