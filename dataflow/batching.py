@@ -18,7 +18,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from dataflow.events import parse
 from dataflow.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
-from dataflow.model import ChangeEvent
+from dataflow.model import ChangeEvent, EventChunk
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
         BATCH_AGE.labels(full.table).observe(max(0.0, self.clock() - full.opened_at))
         return [full]
 
-    def on_batch(self, values: list[ChangeEvent]) -> tuple[list[Batch], bool]:
+    def on_batch(self, values: list[ChangeEvent | EventChunk]) -> tuple[list[Batch], bool]:
         out: list[Batch] = []
-        for ev in values:
+        for ev in _events(values):
             if not self.open.events:
                 self.open.opened_at = self.clock()
                 self.open.table = ev.table
@@ -118,9 +118,22 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
         return BatchSnapshot.of(self.open)
 
 
+def _events(values: list[ChangeEvent | EventChunk]) -> list[ChangeEvent]:
+    """The events in a step's input, in order, whether single or in chunks."""
+    out: list[ChangeEvent] = []
+    for v in values:
+        if type(v) is EventChunk:
+            out.extend(v.events)
+        else:
+            out.append(v)  # type: ignore[arg-type]
+    return out
+
+
 @operator
-def batch_by_table(step_id: str, up: Stream[ChangeEvent], *, limits: BatchLimits) -> Stream[Batch]:
-    """Key events by table and emit closed batches."""
-    keyed: KeyedStream[ChangeEvent] = op.key_on("key", up, lambda ev: ev.table)
+def batch_by_table(
+    step_id: str, up: Stream[ChangeEvent | EventChunk], *, limits: BatchLimits
+) -> Stream[Batch]:
+    """Key events (or chunks of one table's events) by table and emit closed batches."""
+    keyed: KeyedStream[ChangeEvent | EventChunk] = op.key_on("key", up, lambda ev: ev.table)
     batches = op.stateful_batch("batch", keyed, lambda resume: TableBatcher(limits, resume))
     return op.map("unkey", batches, lambda kv: kv[1])

@@ -1,8 +1,8 @@
 """The `parse → branch` step: good events go on, bad ones to the dead-letter queue.
 
 Nothing raises out of this step whatever it is fed: every message comes out
-exactly once, as a `ChangeEvent` or as a `DeadLetter`, except delete
-tombstones, which are counted and skipped.
+exactly once, in an `EventChunk` (the good events of one table, in order) or
+as a `DeadLetter`, except delete tombstones, which are counted and skipped.
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ from dataflow import gc_timer
 from dataflow.events import parse
 from dataflow.kafka_source import SourceMessage
 from dataflow.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
-from dataflow.model import ChangeEvent, DeadLetter
+from dataflow.model import ChangeEvent, DeadLetter, EventChunk
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ParseOut:
-    events: Stream[ChangeEvent]
+    events: Stream[EventChunk]
     dead: Stream[DeadLetter]
 
 
 def _parse_batch(
     msgs: list[SourceMessage | KafkaSourceMessage | KafkaError], max_bytes: int
-) -> list[ChangeEvent | DeadLetter]:
+) -> list[EventChunk | DeadLetter]:
     """Parse a batch at a time: one Python call per batch, and metrics counted once per batch."""
-    out: list[ChangeEvent | DeadLetter] = []
+    out: list[EventChunk | DeadLetter] = []
+    chunks: dict[str, EventChunk] = {}
     read: Counter[str] = Counter()
     tombstones: Counter[str] = Counter()
     parsed: Counter[tuple[str, str]] = Counter()
@@ -50,7 +51,13 @@ def _parse_batch(
             continue
         if type(result) is ChangeEvent:
             parsed[(result.table, result.op)] += 1
-        out.append(result)
+            chunk = chunks.get(result.table)
+            if chunk is None:
+                chunk = chunks[result.table] = EventChunk(result.table, [])
+                out.append(chunk)
+            chunk.events.append(result)
+        else:
+            out.append(result)
     for topic, n in read.items():
         EVENTS_IN.labels(topic).inc(n)
     for topic, n in tombstones.items():
@@ -67,5 +74,5 @@ def parse_events(
 ) -> ParseOut:
     """Decode Kafka messages into change events; branch the failures off as dead letters."""
     parsed = op.flat_map_batch("parse", up, lambda msgs: _parse_batch(msgs, max_bytes))
-    split = op.branch("split", parsed, lambda x: type(x) is ChangeEvent)
+    split = op.branch("split", parsed, lambda x: type(x) is EventChunk)
     return ParseOut(split.trues, split.falses)

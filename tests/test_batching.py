@@ -12,7 +12,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from dataflow.batching import Batch, BatchLimits, TableBatcher, batch_by_table
 from dataflow.events import parse
 from dataflow.generate import Generator
-from dataflow.model import ChangeEvent
+from dataflow.model import ChangeEvent, EventChunk
 
 
 def ev(i: int, table: str = "c0", size: int = 100) -> ChangeEvent:
@@ -104,3 +104,25 @@ def test_dataflow_batches_per_table_and_flushes_at_eof() -> None:
         assert len(b.events) <= 4
         offsets = [e.offset for e in b.events]
         assert offsets == sorted(offsets)
+
+
+def test_chunks_are_batched_like_the_events_they_hold() -> None:
+    events = [ev(i, table=f"c{i % 3}") for i in range(40)]
+    chunks: list[EventChunk] = []
+    for start in range(0, 40, 8):  # source batches of 8 messages, grouped by table as the parse step does
+        by_table: dict[str, EventChunk] = {}
+        for e in events[start : start + 8]:
+            by_table.setdefault(e.table, EventChunk(e.table, [])).events.append(e)
+        chunks.extend(by_table.values())
+
+    def batches(items: list) -> list[tuple[str, list[int]]]:
+        out: list[Batch] = []
+        flow = Dataflow("chunks")
+        s = op.input("in", flow, TestingSource(items))
+        limits = BatchLimits(max_rows=4, max_seconds=60)
+        op.output("out", batch_by_table("b", s, limits=limits), TestingSink(out))
+        run_main(flow)
+        return sorted((b.table, [e.offset for e in b.events]) for b in out)
+
+    assert batches(chunks) == batches(events)
+    assert sum(len(offsets) for _, offsets in batches(chunks)) == 40

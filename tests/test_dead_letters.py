@@ -176,4 +176,4 @@ def test_with_the_broker_down_dead_letters_land_in_the_fallback_file(own_kafka, 
     in_file = list(FallbackFile(fallback).read())
     assert len(in_file) == len(expected)
     assert {(d.topic, d.value): d.reason for d in in_file} == expected
-    assert len(good) + len(in_file) == sum(1 for m in messages if m.value is not None)
+    assert sum(len(c.events) for c in good) + len(in_file) == sum(1 for m in messages if m.value is not None)
