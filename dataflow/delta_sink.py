@@ -240,10 +240,10 @@ class DeltaTableWriter:
         Creating the table or adding columns is a commit of its own, in which a
         rival writer may land this batch, so after one the check starts over.
         """
+        sources = {(e.topic, e.partition) for e in events}
         added: tuple[str, ...] = ()
         for attempt in range(_SCHEMA_ATTEMPTS):
             dt = self._refresh()
-            sources = {(e.topic, e.partition) for e in events}
             done = self._recorded(dt, sources)
             fresh: list[ChangeEvent] = []
             offsets: dict[Source, int] = {}
@@ -300,7 +300,7 @@ class DeltaTableWriter:
             return prepared
         raise RuntimeError(f"schema of {self.uri} kept changing concurrently; retry the batch")
 
-    def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> DeltaTable:
+    def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> None:
         """Record new columns, with their type decisions as field metadata, in one commit."""
         if dt is None:
             DeltaTable.create(
@@ -314,11 +314,8 @@ class DeltaTableWriter:
                 storage_options=self._storage_options,
                 raise_if_key_not_exists=False,  # lets the custom cdc.mode key through
             )
-            dt = self._refresh()
-            assert dt is not None
-            return dt
+            return
         dt.alter.add_columns([Field.from_arrow(c.arrow_field()) for c in new])
-        return dt
 
     def _meta_arrays(self, rows: list[Any]) -> dict[str, pa.Array]:
         out = {

@@ -20,8 +20,7 @@ import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 
 from dataflow import extjson, speedups, validate
-from dataflow.kafka_source import SourceMessage
-from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason
+from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason, SourceMessage
 
 __all__ = ["DEFAULT_MAX_BYTES", "parse"]
 

@@ -17,25 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
 
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage, _KafkaSourcePartition
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from dataflow import shutdown
+from dataflow.model import SourceMessage
 
 log = logging.getLogger(__name__)
-
-
-class SourceMessage(NamedTuple):
-    """What the parse step reads of a Kafka message (the attributes `KafkaSourceMessage` has too)."""
-
-    key: bytes | None
-    value: bytes | None
-    topic: str
-    partition: int
-    offset: int
-    timestamp: tuple[int, int]
 
 
 class _LeanPartition(_KafkaSourcePartition):

@@ -1,4 +1,4 @@
-"""The records that flow between steps: a decoded change, a chunk of them, and a dead letter."""
+"""The records that flow between steps: a Kafka message, a decoded change, a chunk of them, a dead letter."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ import orjson
 from dataflow import __version__
 
 Op = Literal["insert", "update", "replace", "delete"]
+
+
+class SourceMessage(NamedTuple):
+    """What the parse step reads of a Kafka message (the attributes `KafkaSourceMessage` has too)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: tuple[int, int]
 
 
 class BsonTimestamp(NamedTuple):

@@ -17,9 +17,8 @@ from bytewax.dataflow import Stream, operator
 
 from dataflow import gc_timer
 from dataflow.events import parse
-from dataflow.kafka_source import SourceMessage
 from dataflow.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
-from dataflow.model import ChangeEvent, DeadLetter, EventChunk
+from dataflow.model import ChangeEvent, DeadLetter, EventChunk, SourceMessage
 
 log = logging.getLogger(__name__)
 
