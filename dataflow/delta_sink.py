@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Field, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from dataflow.arrow_convert import (
@@ -51,6 +51,10 @@ _APPEND_META = (
 _NO_FIELDS: dict[str, Any] = {}
 _MODE_KEY = "cdc.mode"  # table property recording the writer mode
 _SCHEMA_ATTEMPTS = 3  # schema commits per batch before giving the batch back to the retry layer
+# A MERGE rewrites every file it touches, and random updates touch them all. Parquet's
+# default row group (1M rows) makes each file one row group; 16k rows (~30 MB of 1 KiB
+# documents) let delta-rs split the reading and rewriting (`python -m bench.row_groups`).
+_WRITER_PROPERTIES = WriterProperties(max_row_group_size=16_384)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +389,13 @@ class DeltaTableWriter:
         )
         try:
             if prepared.merge is None:
-                write_deltalake(dt, prepared.source, mode="append", commit_properties=cp)
+                write_deltalake(
+                    dt,
+                    prepared.source,
+                    mode="append",
+                    commit_properties=cp,
+                    writer_properties=_WRITER_PROPERTIES,
+                )
             else:
                 before = dt.version()
                 self._execute_merge(dt, prepared, cp)
@@ -421,6 +431,7 @@ class DeltaTableWriter:
             target_alias="t",
             streamed_exec=False,  # batches are small; lets delta-rs prune target files by _id stats
             commit_properties=cp,
+            writer_properties=_WRITER_PROPERTIES,
         )
         if m["upsert"] is not None:
             merger = merger.when_matched_update(m["upsert"], predicate=f"s.{act} = 'upsert' AND {guard}")
