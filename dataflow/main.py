@@ -55,11 +55,11 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         # 64 MiB for each by default: bound it, or memory grows with the partition count.
         # The bound is on fetched bytes; with compressed topics the decompressed message
         # sets behind them are several times larger (memray, 1M bench events, zstd: 288 MB
-        # of them at peak with 4 MiB x 12 partitions). 2 MiB queues, 256 KiB fetches and a
-        # 20 ms wait (not 1 s) before refilling a full queue took about 250 MB off peak RSS
-        # in append and merge runs, and nothing measurable off throughput.
+        # of them at peak with 4 MiB x 12 partitions). 1 MiB queues, 256 KiB fetches and a
+        # 20 ms wait (not 1 s) before refilling a full queue took about 300 MB off peak RSS
+        # in 1M-event append and merge runs, and nothing measurable off throughput.
         add_config={
-            "queued.max.messages.kbytes": "2048",
+            "queued.max.messages.kbytes": "1024",
             "max.partition.fetch.bytes": "262144",
             "fetch.queue.backoff.ms": "20",
             "fetch.max.bytes": "8388608",
