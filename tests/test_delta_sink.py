@@ -565,14 +565,16 @@ def test_compact_keeps_rows(writer, lake_uri, storage_options):
     assert w.write([ev("e9", doc={"n": 9}, offset=9)]).committed
 
 
-def test_a_merge_rewrites_its_files_in_row_groups_of_16k_rows(writer, lake_uri, storage_options):
+def test_a_merge_rewrites_its_files_in_compressed_row_groups_of_16k_rows(writer, lake_uri, storage_options):
     # One row group per file would make delta-rs read and rewrite the whole table in one piece.
     w = writer()
     w.write([ev(f"k{i:06d}", doc={"n": i}, offset=i) for i in range(40_000)])
     w.write([ev("k000007", "replace", doc={"n": -7}, offset=40_000)])
     dt = table(lake_uri, storage_options)
     assert dt.history(1)[0]["operation"] == "MERGE"
-    groups = [rg.num_rows for frag in dt.to_pyarrow_dataset().get_fragments() for rg in frag.row_groups]
+    frags = list(dt.to_pyarrow_dataset().get_fragments())
+    groups = [rg.num_rows for frag in frags for rg in frag.row_groups]
     assert sum(groups) == 40_000
+    assert {f.metadata.row_group(0).column(0).compression for f in frags} == {"SNAPPY"}
     assert len(groups) >= 3 and max(groups) <= 16_384
     assert state(lake_uri, storage_options)["k000007"]["n"] == -7
