@@ -53,8 +53,8 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         tail=not settings.stop_at_end,
         # Bytewax opens one consumer per partition, and librdkafka prefetches up to
         # 64 MiB for each by default: bound it, or memory grows with the partition count.
-        # The bound is on fetched bytes; with compressed topics the decompressed message
-        # sets behind them are several times larger (memray, 1M bench events, zstd: 288 MB
+        # The bound applies before decompression; with compressed topics the decompressed
+        # message sets behind it are several times larger (memray, 1M bench events, zstd: 288 MB
         # of them at peak with 4 MiB x 12 partitions). 1 MiB queues, 256 KiB fetches and a
         # 20 ms wait (not 1 s) before refilling a full queue took about 300 MB off peak RSS
         # in 1M-event append and merge runs, and nothing measurable off throughput.
