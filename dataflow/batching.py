@@ -3,6 +3,12 @@
 `op.collect`'s timeout restarts with every item, so a steady stream would never
 flush; here the deadline is fixed when the batch's first event arrives. Open
 batches are returned by `snapshot()`, so they are part of the recovery state.
+
+The tables of one process also share a bound on the events held in all their
+open batches (`OpenRows`): past it, the largest batch closes early. Memory then
+does not grow with the number of tables, and tables filling at the same pace
+close in turn instead of all at once, so each batch can be larger for the same
+memory (three tables: half the bound per batch, against a third).
 """
 
 from __future__ import annotations
@@ -26,6 +32,43 @@ class BatchLimits:
     max_rows: int = 10_000
     max_bytes: int = 64 * 1024 * 1024
     max_seconds: float = 5.0
+    max_open_rows: int | None = None  # all tables of a process together; None: twice max_rows
+
+    @property
+    def open_rows_bound(self) -> int:
+        return self.max_open_rows if self.max_open_rows is not None else 2 * self.max_rows
+
+
+class OpenRows:
+    """Events held in the open batches of one process's tables, shared by their batchers.
+
+    Each batcher reports its own count after every step; the one holding the
+    most closes when the total reaches the bound. Bytewax runs a process's
+    workers on threads under one GIL, and every update replaces one dict
+    entry, so the worst a race can do is close a batch one step late or early.
+    """
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self._rows: dict[str, int] = {}
+
+    def report(self, table: str, rows: int) -> None:
+        if rows:
+            self._rows[table] = rows
+        else:
+            self._rows.pop(table, None)
+
+    @property
+    def total(self) -> int:
+        return sum(self._rows.values())
+
+    def should_close(self, table: str) -> bool:
+        """True when the bound is reached and `table` holds the largest open batch."""
+        rows = self._rows.get(table, 0)
+        if not rows:
+            return False
+        values = self._rows.values()
+        return sum(values) >= self.bound and rows >= max(values)
 
 
 @dataclass
@@ -75,14 +118,23 @@ class BatchSnapshot:
 class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
     """Holds one table's open batch."""
 
-    def __init__(self, limits: BatchLimits, resume: BatchSnapshot | None = None, clock=time.time) -> None:
+    def __init__(
+        self,
+        limits: BatchLimits,
+        resume: BatchSnapshot | None = None,
+        clock=time.time,
+        open_rows: OpenRows | None = None,
+    ) -> None:
         self.limits = limits
         self.clock = clock
+        self.open_rows = open_rows if open_rows is not None else OpenRows(limits.open_rows_bound)
         self.open = resume.restore() if resume is not None else Batch("")
+        self.open_rows.report(self.open.table, len(self.open.events))
 
     def _close(self) -> list[Batch]:
         if not self.open.events:
             return []
+        self.open_rows.report(self.open.table, 0)
         full, self.open = self.open, Batch(self.open.table)
         BATCH_ROWS.labels(full.table).observe(len(full.events))
         BATCH_BYTES.labels(full.table).observe(full.nbytes)
@@ -99,7 +151,11 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
             self.open.nbytes += ev.size
             if len(self.open.events) >= self.limits.max_rows or self.open.nbytes >= self.limits.max_bytes:
                 out.extend(self._close())
-        if self.open.events and self.clock() >= self.open.opened_at + self.limits.max_seconds:
+        self.open_rows.report(self.open.table, len(self.open.events))
+        if self.open.events and (
+            self.clock() >= self.open.opened_at + self.limits.max_seconds
+            or self.open_rows.should_close(self.open.table)
+        ):
             out.extend(self._close())
         return out, StatefulBatchLogic.RETAIN
 
@@ -133,7 +189,13 @@ def _events(values: list[ChangeEvent | EventChunk]) -> list[ChangeEvent]:
 def batch_by_table(
     step_id: str, up: Stream[ChangeEvent | EventChunk], *, limits: BatchLimits
 ) -> Stream[Batch]:
-    """Key events (or chunks of one table's events) by table and emit closed batches."""
+    """Key events (or chunks of one table's events) by table and emit closed batches.
+
+    The tables batched in this process share one `OpenRows` bound.
+    """
+    open_rows = OpenRows(limits.open_rows_bound)
     keyed: KeyedStream[ChangeEvent | EventChunk] = op.key_on("key", up, lambda ev: ev.table)
-    batches = op.stateful_batch("batch", keyed, lambda resume: TableBatcher(limits, resume))
+    batches = op.stateful_batch(
+        "batch", keyed, lambda resume: TableBatcher(limits, resume, open_rows=open_rows)
+    )
     return op.map("unkey", batches, lambda kv: kv[1])

@@ -102,7 +102,12 @@ def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
     messages = op.input("read", flow, source_for(settings, partitions))
     parsed = parse_events("parse", messages, max_bytes=settings.max_document_bytes)
     op.output("dead_letters", parsed.dead, DLQSink(dlq_config(settings)))
-    limits = BatchLimits(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_seconds)
+    limits = BatchLimits(
+        settings.batch_max_rows,
+        settings.batch_max_bytes,
+        settings.batch_max_seconds,
+        settings.batch_max_open_rows,
+    )
     batches = batch_by_table("batch", parsed.events, limits=limits)
     ends = None
     if not settings.embedded:

@@ -35,6 +35,7 @@ class Settings:
     batch_max_rows: int
     batch_max_bytes: int
     batch_max_seconds: float
+    batch_max_open_rows: int | None
     dlq_topic: str
     dlq_fallback: str
     dlq_rate_per_minute: int
@@ -134,6 +135,7 @@ class Settings:
             batch_max_rows=int(num("CDC_BATCH_MAX_ROWS", 10_000)),
             batch_max_bytes=int(num("CDC_BATCH_MAX_BYTES", 64 * 1024 * 1024)),
             batch_max_seconds=float(num("CDC_BATCH_MAX_SECONDS", 5.0, float, 0.01)),
+            batch_max_open_rows=int(num("CDC_BATCH_MAX_OPEN_ROWS", 0)) or None,
             dlq_topic=env.get("CDC_DLQ_TOPIC") or "cdc.dead_letter_queue",
             dlq_fallback=env.get("CDC_DLQ_FALLBACK") or "./data/dlq/fallback.jsonl",
             dlq_rate_per_minute=int(num("CDC_DLQ_RATE_PER_MINUTE", 10_000)),

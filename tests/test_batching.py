@@ -9,7 +9,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from dataflow.batching import Batch, BatchLimits, TableBatcher, batch_by_table
+from dataflow.batching import Batch, BatchLimits, OpenRows, TableBatcher, batch_by_table
 from dataflow.events import parse
 from dataflow.generate import Generator
 from dataflow.model import ChangeEvent, EventChunk
@@ -119,10 +119,69 @@ def test_chunks_are_batched_like_the_events_they_hold() -> None:
         out: list[Batch] = []
         flow = Dataflow("chunks")
         s = op.input("in", flow, TestingSource(items))
-        limits = BatchLimits(max_rows=4, max_seconds=60)
+        # Per-table limits only: the shared bound is checked once per step, so it sees chunks coarser.
+        limits = BatchLimits(max_rows=4, max_seconds=60, max_open_rows=10**6)
         op.output("out", batch_by_table("b", s, limits=limits), TestingSink(out))
         run_main(flow)
         return sorted((b.table, [e.offset for e in b.events]) for b in out)
 
     assert batches(chunks) == batches(events)
     assert sum(len(offsets) for _, offsets in batches(chunks)) == 40
+
+
+def test_tables_filling_together_close_in_turn_within_the_shared_bound() -> None:
+    limits = BatchLimits(max_rows=1000, max_bytes=10**9, max_seconds=60, max_open_rows=30)
+    shared = OpenRows(limits.open_rows_bound)
+    tables = ["c0", "c1", "c2"]
+    logic = {t: TableBatcher(limits, clock=Clock(), open_rows=shared) for t in tables}
+    closed: list[tuple[str, int, int]] = []  # table, rows of the closed batch, rows left open
+    peak = 0
+    for step in range(200):  # each table gets one event per round, as round-robin partitions give them
+        t = tables[step % 3]
+        out, _ = logic[t].on_batch([ev(step, table=t)])
+        held = sum(len(x.open.events) for x in logic.values())
+        closed += [(t, len(b.events), held) for b in out]
+        peak = max(peak, held)
+    assert peak <= 30 + 2  # the largest closes on its next event: at most a step late per other table
+    assert sum(n for _, n, _ in closed) + sum(len(x.open.events) for x in logic.values()) == 200
+    # The first round closes at a third of the bound; after it the tables take turns,
+    # each closing at about half the bound, holding the other half open.
+    settled = closed[3:]
+    assert len(settled) >= 6
+    assert all(14 <= n <= 17 for _, n, _ in settled), settled
+    assert all(13 <= left <= 17 for _, _, left in settled), settled
+    assert [t for t, _, _ in settled[:3]] in (["c2", "c0", "c1"], ["c0", "c1", "c2"], ["c1", "c2", "c0"])
+
+
+def test_many_tables_share_one_bound_instead_of_one_each() -> None:
+    events = [ev(i, table=f"c{i % 12}") for i in range(600)]
+    out: list[Batch] = []
+    flow = Dataflow("bounded")
+    s = op.input("in", flow, TestingSource(events, batch_size=12))
+    limits = BatchLimits(max_rows=100, max_seconds=60, max_open_rows=60)
+    op.output("out", batch_by_table("b", s, limits=limits), TestingSink(out))
+    run_main(flow)
+    assert sorted(e.offset for b in out for e in b.events) == list(range(600))
+    # With a bound per table only, 12 tables x 50 events would have closed nothing before the end.
+    assert len(out) > 12
+    assert max(len(b.events) for b in out) < 100
+
+
+def test_a_resumed_batch_counts_against_the_shared_bound() -> None:
+    limits = BatchLimits(max_rows=1000, max_bytes=10**9, max_seconds=60, max_open_rows=10)
+    gen = Generator(collections=1, seed=3, doc_bytes=200)
+    msgs = [m for m in gen.messages(12) if m.value is not None][:8]
+    events = [
+        parse(KafkaSourceMessage(m.key, m.value, topic=m.topic, partition=0, offset=i))
+        for i, m in enumerate(msgs)
+    ]
+    first = TableBatcher(limits, clock=Clock())
+    first.on_batch(events)
+    state = pickle.loads(pickle.dumps(first.snapshot()))
+    shared = OpenRows(limits.open_rows_bound)
+    TableBatcher(limits, state, clock=Clock(), open_rows=shared)
+    assert shared.total == 8
+    other = TableBatcher(limits, clock=Clock(), open_rows=shared)
+    out, _ = other.on_batch([ev(i, table="other") for i in range(3)])
+    assert out == []  # total 11 is past the bound, but the resumed batch is the larger
+    assert shared.should_close(events[0].table)

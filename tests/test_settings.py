@@ -22,6 +22,7 @@ def test_every_problem_is_reported_at_once() -> None:
                 "CDC_TABLE_MODE": "upsert",
                 "CDC_BATCH_MAX_ROWS": "many",
                 "CDC_BATCH_MAX_SECONDS": "-1",
+                "CDC_BATCH_MAX_OPEN_ROWS": "0",
                 "CDC_LAKE_URI": "s3://lake/x",
             }
         )
@@ -31,6 +32,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "CDC_TABLE_MODE",
         "CDC_BATCH_MAX_ROWS",
         "CDC_BATCH_MAX_SECONDS",
+        "CDC_BATCH_MAX_OPEN_ROWS",
         "AWS_ACCESS_KEY_ID",
     ):
         assert name in text
