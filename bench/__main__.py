@@ -115,7 +115,7 @@ def run_variant(
             topics,
             mode=spec["mode"],
             processes=spec["processes"],
-            batch_rows=args.batch_rows,
+            batch_rows=args.pipeline_batch_rows,
             batch_max_seconds=args.batch_max_seconds,
         )
     run: Run = run_processes(commands, log_dir=work / "logs", cwd=ROOT, timeout=args.timeout)
@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000, help="change events to produce")
     parser.add_argument("--doc-bytes", type=int, default=1024, help="approximate document size")
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
+    parser.add_argument("--batch-rows", type=int, default=10_000, help="the baseline's batch per collection")
     parser.add_argument(
-        "--batch-rows", type=int, default=10_000, help="CDC_BATCH_MAX_ROWS and the baseline's batch"
+        "--pipeline-batch-rows",
+        type=int,
+        help="CDC_BATCH_MAX_ROWS for the pipeline (default: its own, by mode: append 10000, merge 25000)",
     )
     parser.add_argument("--batch-max-seconds", type=float, default=5.0, help="CDC_BATCH_MAX_SECONDS")
     parser.add_argument(
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             "doc_bytes": args.doc_bytes,
             "partitions": args.partitions,
             "batch_rows": args.batch_rows,
+            "pipeline_batch_rows": args.pipeline_batch_rows,
             "batch_max_seconds": args.batch_max_seconds,
             "variants": variants,
         },
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         seconds=args.latency_seconds,
                         doc_bytes=args.doc_bytes,
                         partitions=args.partitions,
-                        batch_rows=args.batch_rows,
+                        batch_rows=args.pipeline_batch_rows,
                         batch_max_seconds=args.batch_max_seconds,
                         timeout=args.timeout,
                     )

@@ -125,7 +125,7 @@ def run(
     seconds: float,
     doc_bytes: int,
     partitions: int,
-    batch_rows: int,
+    batch_rows: int | None,
     batch_max_seconds: float,
     timeout: float = 600,
 ) -> tuple[dict[str, Any], list[float]]:

@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 spy = [pyspy, "record", "-f", "raw", "-o", str(raw), "-r", str(args.rate), "--nolineno"]
                 if args.native:
                     spy.append("--native")
-                commands = pipeline_commands(stack, f"profile-{mode}", topics, mode=mode, prefix=[*spy, "--"])
+                commands = pipeline_commands(
+                    stack, f"profile-{mode}", topics, mode=mode, batch_rows=10_000, prefix=[*spy, "--"]
+                )
                 log.info("profiling %s mode over %s events", mode, f"{data.events:,}")
                 run = run_processes(commands, log_dir=tmp / f"profile-{mode}", cwd=ROOT, timeout=1800)
                 if not run.ok or not raw.exists():

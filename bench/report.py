@@ -61,6 +61,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def pipeline_rows(config: dict[str, Any]) -> str:
+    """The pipeline's batch size as the run set it (older records always set one)."""
+    rows = config.get("pipeline_batch_rows", config["batch_rows"])
+    if rows is None:
+        return "CDC_BATCH_MAX_ROWS at its defaults (append 10000, merge 25000)"
+    return f"CDC_BATCH_MAX_ROWS={rows}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, c, d = results["machine"], results["config"], results["data"]
     lines = [
@@ -80,7 +88,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"average), {len(d['per_topic'])} collections × {c['partitions']} partitions; ops: "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(d["ops"].items()))
         + f". Produced in {d['produce_seconds']:.1f} s.",
-        f"- Pipeline: `python -m dataflow`, recovery on, CDC_BATCH_MAX_ROWS={c['batch_rows']}, "
+        f"- Pipeline: `python -m dataflow`, recovery on, {pipeline_rows(c)}, "
         f"CDC_BATCH_MAX_SECONDS={c['batch_max_seconds']:g}; baseline writes per {c['batch_rows']:,} "
         "events per collection.",
         "- Wall time is the process's whole life, start-up included (a few seconds); with a small "

@@ -84,12 +84,15 @@ def pipeline_commands(
     mode: str,
     processes: int = 1,
     stop_at_end: bool = True,
-    batch_rows: int = 10_000,
+    batch_rows: int | None = None,
     batch_max_seconds: float = 5.0,
     dlq_topic: str = "bench.dlq",
     prefix: list[str] | None = None,
 ) -> list[tuple[list[str], dict[str, str]]]:
-    """`python -m dataflow` (recovery on), once per process, each with the same environment."""
+    """`python -m dataflow` (recovery on), once per process, each with the same environment.
+
+    `batch_rows=None` leaves CDC_BATCH_MAX_ROWS to the pipeline's default for the mode.
+    """
     work = stack.tmp / name
     work.mkdir(parents=True, exist_ok=True)
     env = base_env(stack) | {
@@ -101,10 +104,11 @@ def pipeline_commands(
         "CDC_RECOVERY_DIR": str(work / "recovery"),
         "CDC_DLQ_TOPIC": dlq_topic,
         "CDC_DLQ_FALLBACK": str(work / "dlq-fallback.jsonl"),
-        "CDC_BATCH_MAX_ROWS": str(batch_rows),
         "CDC_BATCH_MAX_SECONDS": str(batch_max_seconds),
         "CDC_LOG_LEVEL": "WARNING",
     }
+    if batch_rows is not None:  # else the pipeline's own default for the mode
+        env["CDC_BATCH_MAX_ROWS"] = str(batch_rows)
     argv = [*(prefix or []), sys.executable, "-m", "dataflow"]
     if processes == 1:
         return [(argv, env)]

@@ -16,6 +16,10 @@ from urllib.parse import quote
 
 # In `both` mode the changelog of `<lake>/<db>/<coll>` is `<lake>/_changelog/<db>/<coll>`.
 CHANGELOG_DIR = "_changelog"
+# Rows per batch unless CDC_BATCH_MAX_ROWS says otherwise. A MERGE rewrites every file its
+# updates touch, so merge mode pays per batch far more than append and gains from larger
+# ones (1M benchmark events: 25,000 rows merged 1.4x to 1.6x as fast as 10,000).
+DEFAULT_BATCH_ROWS = {"append": 10_000, "merge": 25_000, "both": 25_000}
 
 TableMode = Literal["merge", "append", "both"]
 SAMPLE = Path(__file__).parent / "sample" / "changes.jsonl"
@@ -132,7 +136,7 @@ class Settings:
             topic_pattern=pattern,
             lake_uri=lake,
             table_mode=mode,  # type: ignore[arg-type]
-            batch_max_rows=int(num("CDC_BATCH_MAX_ROWS", 10_000)),
+            batch_max_rows=int(num("CDC_BATCH_MAX_ROWS", DEFAULT_BATCH_ROWS.get(mode, 10_000))),
             batch_max_bytes=int(num("CDC_BATCH_MAX_BYTES", 64 * 1024 * 1024)),
             batch_max_seconds=float(num("CDC_BATCH_MAX_SECONDS", 5.0, float, 0.01)),
             batch_max_open_rows=int(num("CDC_BATCH_MAX_OPEN_ROWS", 0)) or None,

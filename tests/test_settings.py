@@ -10,7 +10,9 @@ from dataflow.settings import Settings, SettingsError
 def test_defaults_run_the_embedded_sample() -> None:
     s = Settings.from_env({})
     assert s.embedded and s.stop_at_end
-    assert s.table_mode == "merge" and s.batch_max_rows == 10_000
+    assert s.table_mode == "merge" and s.batch_max_rows == 25_000
+    assert Settings.from_env({"CDC_TABLE_MODE": "append"}).batch_max_rows == 10_000
+    assert Settings.from_env({"CDC_TABLE_MODE": "merge", "CDC_BATCH_MAX_ROWS": "500"}).batch_max_rows == 500
     assert s.table_uri("shop", "orders", "merge").endswith("/data/lake/shop/orders")
 
 
