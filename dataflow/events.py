@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 
-from dataflow import extjson, speedups, validate
+from dataflow import debezium_fast, extjson, speedups, validate
 from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason, SourceMessage
 
 __all__ = ["DEFAULT_MAX_BYTES", "parse"]
@@ -49,8 +49,18 @@ class _Reject(Exception):
         self.error = error
 
 
-def parse(msg: KafkaSourceMessage, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ChangeEvent | DeadLetter | None:
-    """Decode one Kafka message (anything with its attributes). None means a tombstone: skip it."""
+def parse(
+    msg: KafkaSourceMessage, *, max_bytes: int = DEFAULT_MAX_BYTES, fast: bool = True
+) -> ChangeEvent | DeadLetter | None:
+    """Decode one Kafka message (anything with its attributes). None means a tombstone: skip it.
+
+    `fast=False` skips `debezium_fast`, the one-function decoder of the common
+    case (the tests compare the two).
+    """
+    if fast and type(msg) is SourceMessage:
+        ev = debezium_fast.decode(msg, max_bytes)
+        if ev is not None:
+            return ev
     value: Any = None
     try:
         value = msg.value

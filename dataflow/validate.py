@@ -14,7 +14,8 @@ from dataflow.model import ChangeEvent
 
 _OPS = frozenset({"insert", "update", "replace", "delete"})
 _BAD_DB_CHARS = frozenset('/\\. "$\x00')  # MongoDB refuses these in database names
-_MAX_SECONDS = 2**32 - 1  # ChangeEvent.seq packs seconds << 31 into an int64 (BSON t is uint32)
+MAX_SECONDS = 2**32 - 1  # ChangeEvent.seq packs seconds << 31 into an int64 (BSON t is uint32)
+MAX_ORD = 0x7FFFFFFF  # ... and the ordinal within the second into the low 31 bits
 
 
 _GOOD_NAMESPACES: set[tuple[str, str]] = set()  # checked once each: a pipeline sees a handful
@@ -59,9 +60,9 @@ def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
     err = check_namespace(ev.db, ev.collection)
     if err:
         return err
-    if ev.ts_ms < 0 or ev.ts_ms // 1000 > _MAX_SECONDS:
+    if ev.ts_ms < 0 or ev.ts_ms // 1000 > MAX_SECONDS:
         return f"ts_ms {ev.ts_ms} cannot be sequenced (must be 0 <= seconds < 2**32)"
-    if not 0 <= ev.ord <= 0x7FFFFFFF:
+    if not 0 <= ev.ord <= MAX_ORD:
         return f"ord {ev.ord} is outside 0..2**31-1"
     doc = ev.doc
     if doc is not None:
