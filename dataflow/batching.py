@@ -13,6 +13,7 @@ memory (three tables: half the bound per batch, against a third).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,32 +44,35 @@ class OpenRows:
     """Events held in the open batches of one process's tables, shared by their batchers.
 
     Each batcher reports its own count after every step; the one holding the
-    most closes when the total reaches the bound. Bytewax runs a process's
-    workers on threads under one GIL, and every update replaces one dict
-    entry, so the worst a race can do is close a batch one step late or early.
+    most closes when the total reaches the bound. A table that has stopped
+    receiving events keeps its batch until its deadline, and meanwhile the
+    others may fill up to their own `max_rows`. Workers of one process
+    (`-w`) are threads, hence the lock; it is taken once per step, not per event.
     """
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
         self._rows: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def report(self, table: str, rows: int) -> None:
-        if rows:
-            self._rows[table] = rows
-        else:
-            self._rows.pop(table, None)
+        with self._lock:
+            if rows:
+                self._rows[table] = rows
+            else:
+                self._rows.pop(table, None)
 
     @property
     def total(self) -> int:
-        return sum(self._rows.values())
+        with self._lock:
+            return sum(self._rows.values())
 
     def should_close(self, table: str) -> bool:
         """True when the bound is reached and `table` holds the largest open batch."""
-        rows = self._rows.get(table, 0)
-        if not rows:
-            return False
-        values = self._rows.values()
-        return sum(values) >= self.bound and rows >= max(values)
+        with self._lock:
+            rows = self._rows.get(table, 0)
+            values = self._rows.values()
+            return rows > 0 and sum(values) >= self.bound and rows >= max(values)
 
 
 @dataclass

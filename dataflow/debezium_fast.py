@@ -1,17 +1,19 @@
 """The common Debezium message in one function: an insert, full-document update or delete.
 
 `events.parse` decodes every envelope through small helpers, each checking and
-wording its own errors; per message that is a dozen Python calls, about a
-third of the parse step's own time. Most messages are the same shape: a
-schema-wrapped Debezium 2.x payload with `op` c, r or u and `after` as an
-Extended JSON string whose `_id` text appears in the key, or `op` d and a
-schema-wrapped key; and a plain namespace. This decodes exactly those, with the same checks and the same
-result, in one function; for anything else it returns None and `parse` takes
-its usual path, which then words any error. tests/test_debezium_fast.py
-compares the two on every message the tests have.
+wording its own errors: a dozen Python calls per message, about 2 of its 13 us
+in a microbenchmark. Most messages have one shape: a schema-wrapped Debezium
+2.x payload with `op` c, r or u and `after` as an Extended JSON string whose
+`_id` text appears in the key, or `op` d with a schema-wrapped key; and a
+plain namespace. This decodes exactly those, with the same checks and the same
+result, in one function. For anything else it returns None and `parse` takes
+its general path, which also words any error. tests/test_debezium_fast.py
+compares the two on every message the tests generate and on edits of them.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import orjson
 
@@ -78,7 +80,7 @@ def decode(msg: SourceMessage, max_bytes: int) -> ChangeEvent | None:
     )
 
 
-def _key_id(native, key: bytes) -> str | None:
+def _key_id(native: ModuleType, key: bytes) -> str | None:
     """The string `_id` of a schema-wrapped Debezium key `{"id": "<Extended JSON>"}`, else None."""
     span = native.payload_span(key)
     if span is None:
