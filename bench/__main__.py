@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pipeline-batch-rows",
         type=int,
-        help="CDC_BATCH_MAX_ROWS for the pipeline (default: its own, by mode: append 10000, merge 25000)",
+        help="CDC_BATCH_MAX_ROWS for the pipeline (default: its own for each mode)",
     )
     parser.add_argument("--batch-max-seconds", type=float, default=5.0, help="CDC_BATCH_MAX_SECONDS")
     parser.add_argument(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dataflow.settings import DEFAULT_BATCH_ROWS
+
 MIB = 1024 * 1024
 
 
@@ -65,7 +67,8 @@ def pipeline_rows(config: dict[str, Any]) -> str:
     """The pipeline's batch size as the run set it (older records always set one)."""
     rows = config.get("pipeline_batch_rows", config["batch_rows"])
     if rows is None:
-        return "CDC_BATCH_MAX_ROWS at its defaults (append 10000, merge 25000)"
+        modes = ", ".join(f"{m} {n}" for m, n in DEFAULT_BATCH_ROWS.items() if m != "both")
+        return f"CDC_BATCH_MAX_ROWS at its defaults ({modes})"
     return f"CDC_BATCH_MAX_ROWS={rows}"
 
 
