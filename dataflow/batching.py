@@ -9,6 +9,10 @@ open batches (`OpenRows`): past it, the largest batch closes early. Memory then
 does not grow with the number of tables, and tables filling at the same pace
 close in turn instead of all at once, so each batch can be larger for the same
 memory (three tables: half the bound per batch, against a third).
+
+A closed batch is committed on the sink's own thread while new events arrive
+(`dataflow.inflight`): until the sink releases it, the table's snapshot carries
+it too, and a restored batcher hands such batches to the sink again first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from dataflow.events import parse
+from dataflow.inflight import Inflight
 from dataflow.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
 from dataflow.model import ChangeEvent, EventChunk
 
@@ -119,34 +124,60 @@ class BatchSnapshot:
         return batch
 
 
-class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
-    """Holds one table's open batch."""
+@dataclass
+class TableSnapshot:
+    """A table's recovery state: batches closed but not yet committed, oldest first, and the open one."""
+
+    closed: list[BatchSnapshot]
+    open: BatchSnapshot
+
+
+class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
+    """Holds one table's open batch (and, with `inflight`, accounts for its closed ones until committed)."""
 
     def __init__(
         self,
         limits: BatchLimits,
-        resume: BatchSnapshot | None = None,
+        resume: TableSnapshot | BatchSnapshot | None = None,
         clock=time.time,
         open_rows: OpenRows | None = None,
+        inflight: Inflight | None = None,
     ) -> None:
         self.limits = limits
         self.clock = clock
         self.open_rows = open_rows if open_rows is not None else OpenRows(limits.open_rows_bound)
-        self.open = resume.restore() if resume is not None else Batch("")
+        self.inflight = inflight
+        self.resend: list[Batch] = []  # restored closed batches, handed to the sink before anything else
+        if isinstance(resume, BatchSnapshot):  # a store written before closed batches were kept
+            resume = TableSnapshot([], resume)
+        if resume is not None:
+            self.resend = [s.restore() for s in resume.closed]
+            for batch in self.resend:
+                self._hold(batch)
+        self.open = resume.open.restore() if resume is not None else Batch("")
         self.open_rows.report(self.open.table, len(self.open.events))
+
+    def _hold(self, batch: Batch) -> None:
+        if self.inflight is not None:
+            self.inflight.add(batch)
+
+    def _resent(self) -> list[Batch]:
+        out, self.resend = self.resend, []
+        return out
 
     def _close(self) -> list[Batch]:
         if not self.open.events:
             return []
         self.open_rows.report(self.open.table, 0)
         full, self.open = self.open, Batch(self.open.table)
+        self._hold(full)  # before it leaves this step: the snapshot at this epoch's end must carry it
         BATCH_ROWS.labels(full.table).observe(len(full.events))
         BATCH_BYTES.labels(full.table).observe(full.nbytes)
         BATCH_AGE.labels(full.table).observe(max(0.0, self.clock() - full.opened_at))
         return [full]
 
     def on_batch(self, values: list[ChangeEvent | EventChunk]) -> tuple[list[Batch], bool]:
-        out: list[Batch] = []
+        out: list[Batch] = self._resent()
         for ev in _events(values):
             if not self.open.events:
                 self.open.opened_at = self.clock()
@@ -164,18 +195,23 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, BatchSnapshot]):
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[Batch], bool]:
+        if self.resend:  # woken only to hand them over; the open batch's own deadline comes next
+            return self._resent(), StatefulBatchLogic.RETAIN
         return self._close(), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Batch], bool]:
-        return self._close(), StatefulBatchLogic.RETAIN
+        return self._resent() + self._close(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
+        if self.resend:
+            return datetime.now(UTC)
         if not self.open.events:
             return None
         return datetime.fromtimestamp(self.open.opened_at, UTC) + timedelta(seconds=self.limits.max_seconds)
 
-    def snapshot(self) -> BatchSnapshot:
-        return BatchSnapshot.of(self.open)
+    def snapshot(self) -> TableSnapshot:
+        closed = self.resend if self.inflight is None else self.inflight.pending(self.open.table)
+        return TableSnapshot([BatchSnapshot.of(b) for b in closed], BatchSnapshot.of(self.open))
 
 
 def _events(values: list[ChangeEvent | EventChunk]) -> list[ChangeEvent]:
@@ -191,15 +227,21 @@ def _events(values: list[ChangeEvent | EventChunk]) -> list[ChangeEvent]:
 
 @operator
 def batch_by_table(
-    step_id: str, up: Stream[ChangeEvent | EventChunk], *, limits: BatchLimits
+    step_id: str,
+    up: Stream[ChangeEvent | EventChunk],
+    *,
+    limits: BatchLimits,
+    inflight: Inflight | None = None,
 ) -> Stream[Batch]:
     """Key events (or chunks of one table's events) by table and emit closed batches.
 
-    The tables batched in this process share one `OpenRows` bound.
+    The tables batched in this process share one `OpenRows` bound. Give the
+    sink the same `inflight` when it commits in the background: the batchers'
+    snapshots then carry closed batches until the sink releases them.
     """
     open_rows = OpenRows(limits.open_rows_bound)
     keyed: KeyedStream[ChangeEvent | EventChunk] = op.key_on("key", up, lambda ev: ev.table)
     batches = op.stateful_batch(
-        "batch", keyed, lambda resume: TableBatcher(limits, resume, open_rows=open_rows)
+        "batch", keyed, lambda resume: TableBatcher(limits, resume, open_rows=open_rows, inflight=inflight)
     )
     return op.map("unkey", batches, lambda kv: kv[1])

@@ -5,12 +5,18 @@ worker keeps one `DeltaTableWriter` per table and commits in arrival order.
 Storage trouble is waited out (the input stalls and Kafka keeps the data); a
 batch that Delta refuses because of its data is split until the events at
 fault are found, and only those are dead-lettered.
+
+Given the batchers' `Inflight`, each worker commits on a thread of its own,
+one batch at a time and in order, while it goes on reading: delta-rs releases
+the GIL as it writes. The next batch waits for the previous commit, so at most
+one closed batch per worker waits beside the one being committed.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,6 +27,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from dataflow.batching import Batch
 from dataflow.delta_sink import DeltaTableWriter, WriteResult
 from dataflow.dlq import DLQWriter
+from dataflow.inflight import Inflight
 from dataflow.metrics import (
     CHECKPOINT_DURATION,
     CHECKPOINT_FAILURES,
@@ -279,15 +286,71 @@ def dead_letter_for(
     )
 
 
+class _Committer:
+    """One daemon thread that runs `commit` on one batch at a time; its errors surface in `wait`.
+
+    A daemon, so that a worker that crashed does not keep the process alive
+    while a commit waits out a storage outage: recovery redoes that batch.
+    """
+
+    def __init__(self, commit: Callable[[Batch], None]) -> None:
+        self._commit = commit
+        self._batch: Batch | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()  # a batch was handed over
+        self._idle = threading.Event()  # the last one is done
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="delta-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._ready.wait()
+            self._ready.clear()
+            batch, self._batch = self._batch, None
+            try:
+                if batch is not None:
+                    self._commit(batch)
+            except BaseException as e:  # handed to the worker, which stops the dataflow with it
+                self._error = e
+            finally:
+                self._idle.set()
+
+    def wait(self) -> None:
+        """Until the batch handed over last is committed; raises what its commit raised."""
+        self._idle.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, batch: Batch) -> None:
+        self.wait()
+        self._idle.clear()
+        self._batch = batch
+        self._ready.set()
+
+
 class _LakePartition(StatelessSinkPartition[Batch]):
-    def __init__(self, writer: LakeWriter) -> None:
+    def __init__(self, writer: LakeWriter, inflight: Inflight | None = None) -> None:
         self.writer = writer
+        self.inflight = inflight
+        self.committer = _Committer(self._commit) if inflight is not None else None
+
+    def _commit(self, batch: Batch) -> None:
+        self.writer.write(batch)
+        if self.inflight is not None:
+            self.inflight.release(batch)
 
     def write_batch(self, items: list[Batch]) -> None:
         for batch in items:
-            self.writer.write(batch)
+            if self.committer is None:
+                self._commit(batch)
+            else:
+                self.committer.submit(batch)
 
     def close(self) -> None:
+        if self.committer is not None:
+            self.committer.wait()
         for table, s in sorted(self.writer.stats.items()):
             print(
                 f"{table}: {s.events} events, {s.written} rows written, {s.skipped} already committed, "
@@ -298,17 +361,25 @@ class _LakePartition(StatelessSinkPartition[Batch]):
 
 
 class LakeSink(DynamicSink[Batch]):
-    """Bytewax sink: closed batches in, Delta commits out."""
+    """Bytewax sink: closed batches in, Delta commits out.
+
+    With `inflight` (the one given to `batch_by_table`), commits run in the
+    background and release each batch from it once durable; without, each
+    batch is committed before `write_batch` returns.
+    """
 
     def __init__(
         self,
         settings: Settings,
         dlq_factory: Callable[[], DLQWriter],
         end_offsets: Callable[[], dict[tuple[str, int], int]] | None = None,
+        inflight: Inflight | None = None,
     ) -> None:
         self.settings = settings
         self.dlq_factory = dlq_factory
         self.end_offsets = end_offsets
+        self.inflight = inflight
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _LakePartition:
-        return _LakePartition(LakeWriter(self.settings, self.dlq_factory(), offsets=self.end_offsets))
+        writer = LakeWriter(self.settings, self.dlq_factory(), offsets=self.end_offsets)
+        return _LakePartition(writer, self.inflight)

@@ -17,6 +17,7 @@ from bytewax.inputs import Source
 from dataflow import gc_timer, logs, recovery, shutdown, speedups
 from dataflow.batching import BatchLimits, batch_by_table
 from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
+from dataflow.inflight import Inflight
 from dataflow.kafka_admin import end_offsets, match_topics, partitions_of
 from dataflow.kafka_source import ResumingKafkaSource
 from dataflow.lake_offsets import committed_offsets
@@ -108,11 +109,13 @@ def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
         settings.batch_max_seconds,
         settings.batch_max_open_rows,
     )
-    batches = batch_by_table("batch", parsed.events, limits=limits)
+    # Closed batches the sink has yet to commit in the background: in the snapshots till then.
+    inflight = Inflight() if settings.background_commits else None
+    batches = batch_by_table("batch", parsed.events, limits=limits, inflight=inflight)
     ends = None
     if not settings.embedded:
         ends = lambda: end_offsets(settings.brokers, list(partitions), **settings.kafka_config)  # noqa: E731
-    op.output("delta", batches, LakeSink(settings, lambda: DLQWriter(dlq_config(settings)), ends))
+    op.output("delta", batches, LakeSink(settings, lambda: DLQWriter(dlq_config(settings)), ends, inflight))
     return flow
 
 

@@ -9,9 +9,10 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from dataflow.batching import Batch, BatchLimits, OpenRows, TableBatcher, batch_by_table
+from dataflow.batching import Batch, BatchLimits, BatchSnapshot, OpenRows, TableBatcher, batch_by_table
 from dataflow.events import parse
 from dataflow.generate import Generator
+from dataflow.inflight import Inflight
 from dataflow.model import ChangeEvent, EventChunk
 
 
@@ -185,3 +186,61 @@ def test_a_resumed_batch_counts_against_the_shared_bound() -> None:
     out, _ = other.on_batch([ev(i, table="other") for i in range(3)])
     assert out == []  # total 11 is past the bound, but the resumed batch is the larger
     assert shared.should_close(events[0].table)
+
+
+def parsed(n: int, seed: int = 9) -> list[ChangeEvent]:
+    gen = Generator(collections=1, seed=seed, doc_bytes=200)
+    msgs = [m for m in gen.messages(n * 2) if m.value is not None][:n]
+    return [
+        parse(KafkaSourceMessage(m.key, m.value, topic=m.topic, partition=0, offset=i))
+        for i, m in enumerate(msgs)
+    ]
+
+
+def test_a_closed_batch_stays_in_the_snapshot_until_the_sink_releases_it() -> None:
+    inflight = Inflight()
+    limits = BatchLimits(max_rows=4, max_bytes=10**9, max_seconds=60)
+    events = parsed(10)
+    logic = TableBatcher(limits, clock=Clock(), inflight=inflight)
+    out, _ = logic.on_batch(events)
+    assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    snap = logic.snapshot()
+    assert [[m[2] for m in b.messages] for b in snap.closed] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [m[2] for m in snap.open.messages] == [8, 9]
+    inflight.release(out[0])  # committed: the next snapshot no longer carries it
+    assert [[m[2] for m in b.messages] for b in logic.snapshot().closed] == [[4, 5, 6, 7]]
+    inflight.release(out[1])
+    assert logic.snapshot().closed == [] and inflight.rows == 0
+
+
+def test_a_restored_batcher_hands_over_its_closed_batches_first() -> None:
+    limits = BatchLimits(max_rows=4, max_bytes=10**9, max_seconds=60)
+    events = parsed(10)
+    crashed = TableBatcher(limits, clock=Clock(), inflight=Inflight())
+    crashed.on_batch(events[:6])  # [0..3] closed and never committed, [4, 5] open
+    state = pickle.loads(pickle.dumps(crashed.snapshot()))
+
+    inflight = Inflight()
+    resumed = TableBatcher(limits, state, clock=Clock(), inflight=inflight)
+    assert inflight.rows == 4  # held again until the sink commits it anew
+    assert resumed.notify_at() is not None  # woken at once, even with no new input
+    out, _ = resumed.on_notify()
+    assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2, 3]]
+    assert [e.offset for e in resumed.open.events] == [4, 5]  # its own deadline is not yet due
+    out, _ = resumed.on_batch(events[6:])
+    assert [[e.offset for e in b.events] for b in out] == [[4, 5, 6, 7]]
+    assert [[m[2] for m in b.messages] for b in resumed.snapshot().closed] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    # New input before the wake-up: the restored batch still goes first.
+    again = TableBatcher(limits, state, clock=Clock(), inflight=Inflight())
+    out, _ = again.on_batch(events[6:8])
+    assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_a_snapshot_from_before_closed_batches_were_kept_still_restores() -> None:
+    limits = BatchLimits(max_rows=100, max_bytes=10**9, max_seconds=60)
+    events = parsed(5)
+    old = BatchSnapshot.of(Batch(events[0].table, list(events), opened_at=1_000.0))
+    logic = TableBatcher(limits, pickle.loads(pickle.dumps(old)), clock=Clock(), inflight=Inflight())
+    out, _ = logic.on_eof()
+    assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2, 3, 4]]

@@ -41,7 +41,12 @@ def assert_exactly_once(model: Model, gen: Generator, bucket: str, so: dict[str,
     return counts
 
 
-def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_path) -> None:
+# Background commits: a killed process may have batches closed, out of the batcher, and not yet in Delta.
+BACKGROUND = pytest.mark.parametrize("background", ["0", "1"], ids=["commits-in-step", "background-commits"])
+
+
+@BACKGROUND
+def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_path, background) -> None:
     rng = random.Random(20261129)
     gen = Generator(collections=3, prefix=f"crash{tmp_path.name[-6:]}", seed=21, doc_bytes=500)
     messages = list(gen.messages(200_000))
@@ -49,7 +54,7 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     model = Model()
     model.apply(messages)
     bucket = s3.bucket("crash")
-    env = lake_env(kafka, s3, gen, bucket, tmp_path)
+    env = lake_env(kafka, s3, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background)
     recovery_dir = tmp_path / "recovery"
     log = tmp_path / "pipeline.log"
 
@@ -91,21 +96,23 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     assert "is missing or empty" in text and "is unusable" in text
     assert "resuming from offset" in text  # partitions resumed from the Delta offsets
     counts = assert_exactly_once(model, gen, bucket, s3.storage_options)
-    report = tmp_path.parent / "crash-report.txt"
+    report = tmp_path.parent / f"crash-report-{background}.txt"
     report.write_text(f"kills={kills} in_commit={in_commit} events={len(messages)} changelog={counts}\n")
     print(
         f"\nkill -9 x{kills} ({in_commit} aimed inside a commit), {len(messages)} messages, changelog {counts}"
     )
 
 
-def test_sigterm_drains_and_exits_zero_then_resumes(kafka, s3, tmp_path) -> None:
+@BACKGROUND
+def test_sigterm_drains_and_exits_zero_then_resumes(kafka, s3, tmp_path, background) -> None:
     gen = Generator(collections=2, prefix=f"term{tmp_path.name[-6:]}", seed=8, doc_bytes=400)
     messages = list(gen.messages(40_000))
     kafka.create_topics(gen.topics, partitions=3)
     model = Model()
     model.apply(messages)
     bucket = s3.bucket("term")
-    env = lake_env(kafka, s3, gen, bucket, tmp_path, CDC_STOP_AT_END="0")  # tail: a long-running stream
+    # tail: a long-running stream
+    env = lake_env(kafka, s3, gen, bucket, tmp_path, CDC_STOP_AT_END="0", CDC_BACKGROUND_COMMITS=background)
     producer = threading.Thread(target=lambda: produce_slowly(kafka.bootstrap, messages, seconds=15))
     producer.start()
     p = PipelineProcess(env, tmp_path / "pipeline.log")

@@ -73,3 +73,17 @@ def test_kafka_client_settings_pass_through() -> None:
         }
     )
     assert s.kafka_config == {"security.protocol": "SASL_SSL"}
+
+
+@pytest.mark.parametrize(
+    ("env", "background"),
+    [
+        ({"CDC_TABLE_MODE": "append"}, True),
+        ({"CDC_TABLE_MODE": "merge"}, False),
+        ({"CDC_TABLE_MODE": "both"}, False),
+        ({"CDC_TABLE_MODE": "append", "CDC_BACKGROUND_COMMITS": "0"}, False),
+        ({"CDC_TABLE_MODE": "merge", "CDC_BACKGROUND_COMMITS": "true"}, True),
+    ],
+)
+def test_background_commits_default_to_append_mode_only(env: dict[str, str], background: bool) -> None:
+    assert Settings.from_env(env).background_commits is background
