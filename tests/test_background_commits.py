@@ -1,4 +1,4 @@
-"""The sink's background commits: in order, one at a time, errors surfacing, batches released when durable.
+"""Background commits: in order, one at a time, errors surfacing, batches held until durable, even across a crash.
 
 These test the hand-over logic with a stand-in writer; the crash and SIGTERM
 tests (tests/test_crash_recovery.py) run it against Kafka and MinIO.
@@ -7,13 +7,19 @@ tests (tests/test_crash_recovery.py) run it against Kafka and MinIO.
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
+import bytewax.operators as op
 import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSource, run_main
 
-from dataflow.batching import Batch
+from dataflow.batching import Batch, BatchLimits, batch_by_table
 from dataflow.inflight import Inflight
 from dataflow.lake_sink import _LakePartition
-from tests.test_batching import ev
+from tests.test_batching import ev, parsed
 
 
 class GatedWriter:
@@ -86,3 +92,50 @@ def test_without_inflight_each_batch_is_committed_before_write_batch_returns() -
     writer.gate.release()
     part.write_batch([batch(0)])
     assert writer.committed == [0]
+
+
+class HandedOver(DynamicSink[Batch]):
+    """Records every batch it is given; releases them from `inflight` only if `durable` (else: still committing)."""
+
+    def __init__(self, inflight: Inflight, durable: bool) -> None:
+        self.inflight, self.durable, self.got = inflight, durable, []
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> StatelessSinkPartition[Batch]:
+        sink = self
+
+        class Part(StatelessSinkPartition[Batch]):
+            def write_batch(self, items: list[Batch]) -> None:
+                for b in items:
+                    sink.got.append([e.offset for e in b.events])
+                    if sink.durable:
+                        sink.inflight.release(b)
+
+        return Part()
+
+
+def run(items: list, recovery: RecoveryConfig, durable: bool) -> list[list[int]]:
+    inflight = Inflight()
+    sink = HandedOver(inflight, durable)
+    flow = Dataflow("handover")
+    s = op.input("in", flow, TestingSource(items, batch_size=2))
+    limits = BatchLimits(max_rows=4, max_bytes=10**9, max_seconds=60)
+    op.output("out", batch_by_table("b", s, limits=limits, inflight=inflight), sink)
+    try:
+        run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
+    except Exception as e:  # the simulated crash
+        if "AbortExecution" not in f"{type(e).__name__}{e}":
+            raise
+    return sink.got
+
+
+def test_batches_handed_to_the_sink_but_not_committed_survive_a_crash(tmp_path) -> None:
+    events = parsed(12)
+    items = [*events[:10], TestingSource.ABORT(), *events[10:]]
+    init_db_dir(tmp_path, 1)
+    recovery = RecoveryConfig(str(tmp_path))
+    first = run(items, recovery, durable=False)
+    assert [0, 1, 2, 3] in first and [4, 5, 6, 7] in first  # handed over, then the process "died"
+    second = run(items, recovery, durable=True)
+    # Nothing of the first life was committed: the second must deliver every event, once each.
+    delivered = [o for b in second for o in b]
+    assert sorted(delivered) == list(range(12)), second
