@@ -71,10 +71,27 @@ class _LeanPartition(_KafkaSourcePartition):
 class ResumingKafkaSource(KafkaSource):
     """`KafkaSource` whose partitions without recovery state start from the Delta offsets."""
 
-    def __init__(self, *args, committed: Callable[[], dict[tuple[str, int], int]], **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        committed: Callable[[], dict[tuple[str, int], int]],
+        partitions: dict[str, int] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._committed_loader = committed
         self._committed: dict[tuple[str, int], int] | None = None
+        self._partitions = partitions
+
+    def list_parts(self) -> list[str]:
+        """Bytewax's `<index>-<topic>` names, from the partition counts the flow was built with.
+
+        Bytewax would ask the broker again, through an admin client given the
+        consumer settings, which librdkafka warns about on every start.
+        """
+        if self._partitions is None:
+            return super().list_parts()
+        return [f"{i}-{topic}" for topic, n in self._partitions.items() for i in range(n)]
 
     def _committed_offsets(self) -> dict[tuple[str, int], int]:
         if self._committed is None:

@@ -71,6 +71,7 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         batch_size=2000,
         raise_on_errors=False,
         committed=lambda: {} if settings.start_from == "beginning" else read_committed(settings, partitions),
+        partitions=partitions,
     )
 
 
