@@ -1,13 +1,13 @@
 """Closed batches that are not yet durable in Delta, per table.
 
-The sink commits on a thread of its own so that the worker goes on reading and
-parsing while delta-rs writes (it releases the GIL; in the benchmark the worker
-had spent 40% of its time waiting for commits while a CPU sat idle). A batch
-the batcher has closed is then, until its commit lands, neither in the open
-batch of the recovery snapshot nor in Delta: a crash in between would lose it.
-So the batcher registers every batch here as it closes it, its snapshot carries
-the batches still registered, and the sink releases each one once it is
-committed or dead-lettered. A snapshot may still carry a batch that landed
+The sink can commit on a thread of its own, so that the worker goes on reading
+and parsing while delta-rs writes (it releases the GIL). In the 1M-event append
+benchmark, commits in step took 42% of the worker's time while 41% of the
+machine's CPU time went unused. A batch the batcher has closed is then, until
+its commit lands, neither in the open batch of the recovery snapshot nor in
+Delta: a crash in between would lose it. So the batcher registers every batch
+here as it closes it, its snapshot carries the batches still registered, and
+the sink releases each one once it is committed or dead-lettered. A snapshot may still carry a batch that landed
 after it was taken; restoring commits that batch again, and Delta's
 transaction ids make the second commit skip every event.
 """
