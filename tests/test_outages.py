@@ -60,7 +60,8 @@ def commit_rate(lines: list[str], start: float, end: float) -> float:
     return total / max(end - start, 1e-9)
 
 
-def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path) -> None:
+@pytest.mark.parametrize("background", ["0", "1"], ids=["commits-in-step", "background-commits"])
+def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path, background) -> None:
     gen = Generator(collections=3, prefix=f"out{tmp_path.name[-6:]}", seed=31, doc_bytes=600)
     messages = list(gen.messages(100_000))
     kafka.create_topics(gen.topics, partitions=4)
@@ -68,7 +69,8 @@ def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path) -> None:
     model = Model()
     model.apply(messages)
     bucket = own_s3.bucket("outage")
-    p = PipelineProcess(env_for(kafka, own_s3.env, gen, bucket, tmp_path), tmp_path / "pipeline.log")
+    env = env_for(kafka, own_s3.env, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background)
+    p = PipelineProcess(env, tmp_path / "pipeline.log")
     rss = PeakRss(p.proc.pid)
     deadline = time.monotonic() + 120
     while sum("commit end" in line for line in p.lines) < 6 and time.monotonic() < deadline:
@@ -93,7 +95,8 @@ def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path) -> None:
         "events_per_s_after": round(commit_rate(p.lines, up_at, up_at + 10), 1),
     }
     REPORT.mkdir(parents=True, exist_ok=True)
-    (REPORT / "minio-outage.json").write_text(json.dumps(figures, indent=2) + "\n")
+    name = "minio-outage.json" if background == "0" else "minio-outage-background.json"
+    (REPORT / name).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nMinIO outage: {figures}")
 
 
