@@ -64,8 +64,15 @@ def _short(frame: str) -> str:
     return f"{func} ({path})"
 
 
+# A thread blocked on a lock or event (the sink's idle commit thread) can be sampled as busy.
+WAITING = re.compile(r"^(\w+\.)?(wait|_wait_for_tstate_lock) \((.*/)?threading\.py(:\d+)?\)$")
+
+
 def summarize(raw: Path, title: str, top: int = 25) -> str:
-    """Self and cumulative samples per function, and per stage, from py-spy's raw (collapsed) output."""
+    """Self and cumulative samples per function, and per stage, from py-spy's raw (collapsed) output.
+
+    Samples whose innermost frame waits in `threading` are left out: waiting is not CPU.
+    """
     self_n: collections.Counter[str] = collections.Counter()
     cum_n: collections.Counter[str] = collections.Counter()
     stage_n: collections.Counter[str] = collections.Counter()
@@ -76,6 +83,8 @@ def summarize(raw: Path, title: str, top: int = 25) -> str:
             continue
         n = int(count)
         frames = [_short(f) for f in stack.split(";")]
+        if WAITING.match(frames[-1]):
+            continue
         total += n
         self_n[frames[-1]] += n
         for f in set(frames):
