@@ -97,6 +97,17 @@ class Settings:
                 errors.append(f"{name}={raw!r} must be at least {minimum}")
             return value
 
+        def flag(name: str, default: bool) -> bool:
+            raw = (env.get(name) or "").strip().lower()
+            if raw == "":
+                return default
+            if raw in ("1", "true", "yes", "on"):
+                return True
+            if raw in ("0", "false", "no", "off"):
+                return False
+            errors.append(f"{name}={env.get(name)!r} must be 1 or 0 (true/false, yes/no, on/off)")
+            return default
+
         brokers = env.get("CDC_KAFKA_BROKERS") or None
         topics = tuple(t.strip() for t in env.get("CDC_TOPICS", "").split(",") if t.strip())
         pattern = env.get("CDC_TOPIC_PATTERN") or None
@@ -145,7 +156,7 @@ class Settings:
             dlq_fallback=env.get("CDC_DLQ_FALLBACK") or "./data/dlq/fallback.jsonl",
             dlq_rate_per_minute=int(num("CDC_DLQ_RATE_PER_MINUTE", 10_000)),
             max_document_bytes=int(num("CDC_MAX_DOCUMENT_BYTES", 16 * 1024 * 1024)),
-            stop_at_end=env.get("CDC_STOP_AT_END", "0").lower() in ("1", "true", "yes") or brokers is None,
+            stop_at_end=flag("CDC_STOP_AT_END", False) or brokers is None,
             pipeline_name=env.get("CDC_PIPELINE_NAME") or "cdc",
             sample_path=env.get("CDC_SAMPLE_PATH") or str(SAMPLE),
             recovery_dir=None
@@ -164,8 +175,7 @@ class Settings:
             # Append commits overlap reading for a little memory; a MERGE's working memory is
             # large, and overlapping it took far more memory (1M bench events: 1,373 MiB against
             # 918) for little speed (+4%), so merge tables commit in step unless asked.
-            background_commits=env.get("CDC_BACKGROUND_COMMITS", "1" if mode == "append" else "0").lower()
-            in ("1", "true", "yes"),
+            background_commits=flag("CDC_BACKGROUND_COMMITS", mode == "append"),
             kafka_config=kafka_client_config(env),
             storage_options=storage,
         )

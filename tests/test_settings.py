@@ -87,3 +87,13 @@ def test_kafka_client_settings_pass_through() -> None:
 )
 def test_background_commits_default_to_append_mode_only(env: dict[str, str], background: bool) -> None:
     assert Settings.from_env(env).background_commits is background
+
+
+def test_a_misspelt_switch_is_an_error_not_off() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"CDC_STOP_AT_END": "ture", "CDC_BACKGROUND_COMMITS": "enabled"})
+    assert "CDC_STOP_AT_END='ture' must be 1 or 0" in str(info.value)
+    assert "CDC_BACKGROUND_COMMITS='enabled' must be 1 or 0" in str(info.value)
+    assert Settings.from_env(
+        {"CDC_KAFKA_BROKERS": "k:9092", "CDC_TOPICS": "t", "CDC_STOP_AT_END": "On"}
+    ).stop_at_end
