@@ -32,8 +32,8 @@ from bench import latency, report
 from bench.data import BenchGenerator, DataStats
 from bench.measure import Run, delta_rows, list_files, run_processes
 from bench.stack import ROOT, Stack, base_env, pipeline_commands, started
-from dataflow.generate import produce
-from dataflow.kafka_admin import create_topics
+from dataflow.source.topics import create_topics
+from services.generate import produce
 
 log = logging.getLogger("bench")
 BENCH = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""The benchmark's change events: `dataflow.generate.Generator`, fast at a million events.
+"""The benchmark's change events: `services.generate.Generator`, fast at a million events.
 
 `Generator.messages()` picks the document to update or delete with
 `rng.choice(list(live))`, which copies every live `_id` of the collection each
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataflow.generate import Generator, Message
+from services.generate import Generator, Message
 
 STAMP_FIELD = "bench_ts_ms"
 PLACEHOLDER = 9_999_999_999_999  # 13 digits, like a millisecond timestamp until 2286

@@ -26,7 +26,7 @@ from deltalake import DeltaTable
 from bench.data import PLACEHOLDER, STAMP_FIELD, BenchGenerator, produce_paced
 from bench.measure import Running
 from bench.stack import Stack, pipeline_commands
-from dataflow.kafka_admin import create_topics
+from dataflow.source.topics import create_topics
 
 log = logging.getLogger("bench")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from bench.data import BenchGenerator, DataStats
 from bench.measure import run_processes
 from bench.stack import ROOT, pipeline_commands, started
-from dataflow.generate import produce
-from dataflow.kafka_admin import create_topics
+from dataflow.source.topics import create_topics
+from services.generate import produce
 
 log = logging.getLogger("bench")
 BENCH = Path(__file__).resolve().parent

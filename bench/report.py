@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dataflow.settings import DEFAULT_BATCH_ROWS
+from dataflow.runtime.settings import DEFAULT_BATCH_ROWS
 
 MIB = 1024 * 1024
 

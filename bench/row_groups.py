@@ -22,9 +22,9 @@ from pathlib import Path
 from deltalake import DeltaTable
 
 from bench.data import BenchGenerator
-from dataflow import delta_sink
-from dataflow.delta_sink import DeltaTableWriter
-from dataflow.events import parse
+from dataflow.decode.envelopes import parse
+from dataflow.lake import writer as delta_sink
+from dataflow.lake.writer import DeltaTableWriter
 from dataflow.model import ChangeEvent, SourceMessage
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataflow.settings import s3_storage_options
+from dataflow.runtime.settings import s3_storage_options
 from services import admin
 from services.kafka import Kafka
 from services.minio import MinIO

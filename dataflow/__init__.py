@@ -1,6 +1,6 @@
 """MongoDB change events from Kafka into Delta Lake tables, exactly once, with Bytewax."""
 
-from dataflow import allocator
+from dataflow.runtime import allocator
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-from dataflow.settings import Settings, SettingsError
+from dataflow.runtime.settings import Settings, SettingsError
 
 
 def main(argv: list[str]) -> None:

@@ -25,12 +25,12 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from dataflow.dlq import FallbackFile
-from dataflow.events import parse
-from dataflow.kafka_admin import end_offsets, match_topics
-from dataflow.lake_offsets import list_tables
+from dataflow.decode.envelopes import parse
+from dataflow.dlq.writer import FallbackFile
+from dataflow.lake.offsets import list_tables
 from dataflow.model import ChangeEvent, DeadLetter, Reason
-from dataflow.settings import Settings, SettingsError
+from dataflow.runtime.settings import Settings, SettingsError
+from dataflow.source.topics import end_offsets, match_topics
 
 
 def progress(label: str, done: int, total: int | None = None) -> None:

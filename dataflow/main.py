@@ -14,18 +14,19 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 
-from dataflow import gc_timer, logs, recovery, shutdown, speedups
-from dataflow.batching import BatchLimits, batch_by_table
-from dataflow.dlq import DLQConfig, DLQSink, DLQWriter
-from dataflow.inflight import Inflight
-from dataflow.kafka_admin import end_offsets, match_topics, partitions_of
-from dataflow.kafka_source import ResumingKafkaSource
-from dataflow.lake_offsets import committed_offsets
-from dataflow.lake_sink import LakeSink
-from dataflow.parse_step import parse_events
-from dataflow.resilience import retry
-from dataflow.sample_source import SampleFileSource
-from dataflow.settings import Settings, SettingsError
+from dataflow import speedups
+from dataflow.batch.inflight import Inflight
+from dataflow.batch.tables import BatchLimits, batch_by_table
+from dataflow.decode.step import parse_events
+from dataflow.dlq.writer import DLQConfig, DLQSink, DLQWriter
+from dataflow.lake.offsets import committed_offsets
+from dataflow.runtime import gc_timer, logs, recovery, shutdown
+from dataflow.runtime.retry import retry
+from dataflow.runtime.settings import Settings, SettingsError
+from dataflow.sink.lake import LakeSink
+from dataflow.source.kafka import ResumingKafkaSource
+from dataflow.source.sample import SampleFileSource
+from dataflow.source.topics import end_offsets, match_topics, partitions_of
 
 log = logging.getLogger("dataflow")
 

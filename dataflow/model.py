@@ -38,7 +38,7 @@ class ChangeEvent:
     """One MongoDB change, whatever envelope it came in.
 
     `doc` is the full document after the change (with `_id`), decoded from
-    Extended JSON into Python values (see `dataflow.extjson`). A partial update
+    Extended JSON into Python values (see `dataflow.decode.extjson`). A partial update
     has `doc=None` and carries `updated` (top-level fields set) and `removed`
     (top-level fields unset) instead. A delete has neither.
     """

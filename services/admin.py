@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataflow.kafka_admin import create_topics
-from dataflow.storage import s3_client
+from dataflow.lake.storage import s3_client
+from dataflow.source.topics import create_topics
 
 __all__ = ["create_topics", "create_bucket", "s3_client"]
 

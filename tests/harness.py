@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from deltalake import DeltaTable
 
-from dataflow.generate import Change, Message, ObjectId
+from services.generate import Change, Message, ObjectId
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 - promtool (Debian's `prometheus` package; `.ci/install-promtool`) checks the rule file and
   the Prometheus config, and runs the rules' unit tests (`alerts_test.yml`).
 - Every alert has a unit test where it fires and one where it does not.
-- Every metric name in the alerts and the dashboard is one `dataflow/metrics.py` exports.
+- Every metric name in the alerts and the dashboard is one `dataflow/runtime/metrics.py` exports.
 - Every alert's runbook_url points at a heading of `docs/runbook.md` named after the alert.
 
 PyYAML is not a dependency of this project, so the YAML files are read by `MiniYaml`, a
@@ -248,7 +248,7 @@ def rule_tests() -> list[dict]:
 
 
 def contract_metrics() -> set[str]:
-    """Series names dataflow/metrics.py exports: histograms as _bucket/_sum/_count."""
+    """Series names dataflow/runtime/metrics.py exports: histograms as _bucket/_sum/_count."""
     found = re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"", METRICS.read_text())
     assert len(found) >= 20, f"parsed only {found} from {METRICS}"
     names = set()
@@ -421,7 +421,7 @@ def test_metric_names_are_in_the_contract():
         used[f"dashboard: {expr}"] = names
     used["dashboard variables"] = dashboard_variable_metrics()
     unknown = {where: sorted(n - contract) for where, n in used.items() if n - contract}
-    assert not unknown, "metric names not exported by dataflow/metrics.py:\n" + "\n".join(
+    assert not unknown, "metric names not exported by dataflow/runtime/metrics.py:\n" + "\n".join(
         f"  {where}: {names}" for where, names in unknown.items()
     )
 

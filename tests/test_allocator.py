@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflow import allocator
+from dataflow.runtime import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 

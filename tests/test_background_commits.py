@@ -16,9 +16,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSource, run_main
 
-from dataflow.batching import Batch, BatchLimits, batch_by_table
-from dataflow.inflight import Inflight
-from dataflow.lake_sink import _LakePartition
+from dataflow.batch.inflight import Inflight
+from dataflow.batch.tables import Batch, BatchLimits, batch_by_table
+from dataflow.sink.lake import _LakePartition
 from tests.test_batching import ev, parsed
 
 

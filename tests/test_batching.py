@@ -9,11 +9,11 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from dataflow.batching import Batch, BatchLimits, BatchSnapshot, OpenRows, TableBatcher, batch_by_table
-from dataflow.events import parse
-from dataflow.generate import Generator
-from dataflow.inflight import Inflight
+from dataflow.batch.inflight import Inflight
+from dataflow.batch.tables import Batch, BatchLimits, BatchSnapshot, OpenRows, TableBatcher, batch_by_table
+from dataflow.decode.envelopes import parse
 from dataflow.model import ChangeEvent, EventChunk
+from services.generate import Generator
 
 
 def ev(i: int, table: str = "c0", size: int = 100) -> ChangeEvent:

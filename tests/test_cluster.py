@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dataflow.generate import Generator, produce
+from services.generate import Generator, produce
 from tests.harness import Model, start_cluster
 from tests.test_crash_recovery import assert_exactly_once, lake_env
 

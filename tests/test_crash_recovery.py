@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from dataflow.generate import Generator, produce
+from services.generate import Generator, produce
 from tests import harness
 from tests.harness import Model, PipelineProcess, assert_table_matches, table_rows
 

@@ -12,10 +12,10 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from dataflow.dlq import DLQConfig, DLQSink, FallbackFile
-from dataflow.generate import Generator, Message, produce
+from dataflow.decode.step import parse_events
+from dataflow.dlq.writer import DLQConfig, DLQSink, FallbackFile
 from dataflow.model import Reason
-from dataflow.parse_step import parse_events
+from services.generate import Generator, Message, produce
 from tests.harness import pipeline_env, run_pipeline
 from tests.test_pipeline import read_dlq
 

@@ -14,9 +14,10 @@ import functools
 import orjson
 import pytest
 
-from dataflow import debezium_fast, events
-from dataflow.generate import Generator
+from dataflow.decode import debezium_fast
+from dataflow.decode import envelopes as events
 from dataflow.model import ChangeEvent, DeadLetter, SourceMessage
+from services.generate import Generator
 
 
 def fast_event(m: SourceMessage) -> ChangeEvent | None:

@@ -13,7 +13,7 @@ import pytest
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
-from dataflow.delta_sink import DeltaTableWriter
+from dataflow.lake.writer import DeltaTableWriter
 from dataflow.model import BsonTimestamp, ChangeEvent
 
 TOPIC = "cdc.shop.orders"

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from bytewax.connectors.kafka import KafkaSourceMessage
 
-from dataflow.events import parse
+from dataflow.decode.envelopes import parse
 from dataflow.model import ChangeEvent
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Consumer
 
-from dataflow.dlq import DLQConfig, DLQWriter, FallbackFile, RateLimiter
+from dataflow.dlq.writer import DLQConfig, DLQWriter, FallbackFile, RateLimiter
 from dataflow.model import DeadLetter, Reason
 
 

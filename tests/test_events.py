@@ -15,8 +15,8 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataflow import events
-from dataflow.events import parse
+from dataflow.decode import envelopes as events
+from dataflow.decode.envelopes import parse
 from dataflow.model import ChangeEvent, DeadLetter, Reason
 
 OID = "65a1f0c2e4b0a1b2c3d4e5f6"

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflow import extjson
-from dataflow.extjson import InvalidBson, decode, id_text, loads
+from dataflow.decode import extjson
+from dataflow.decode.extjson import InvalidBson, decode, id_text, loads
 from dataflow.model import BsonTimestamp
 
 OID = "5f1e2d3c4b5a69788796a5b4"

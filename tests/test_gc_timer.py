@@ -6,7 +6,7 @@ import gc
 import time
 import weakref
 
-from dataflow import gc_timer
+from dataflow.runtime import gc_timer
 
 
 class Node:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataflow.delta_sink import DeltaTableWriter
-from dataflow.lake_offsets import committed_offsets, list_tables, twin_of
+from dataflow.lake.offsets import committed_offsets, list_tables, twin_of
+from dataflow.lake.writer import DeltaTableWriter
 from tests.test_delta_sink import TOPIC, ev
 
 PARTITIONS = {TOPIC: 2}

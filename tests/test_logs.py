@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from dataflow.logs import JsonFormatter, Redactor
+from dataflow.runtime.logs import JsonFormatter, Redactor
 
 
 def emit(logger_name: str, env: dict[str, str], *args, **kwargs) -> dict:

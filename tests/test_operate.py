@@ -13,7 +13,7 @@ import orjson
 import pytest
 from deltalake import DeltaTable
 
-from dataflow.generate import Generator, produce
+from services.generate import Generator, produce
 from services.process import free_port
 from tests.harness import (
     ROOT,

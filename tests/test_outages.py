@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dataflow.generate import Generator, Message, produce
 from dataflow.model import Reason
+from services.generate import Generator, Message, produce
 from tests.faults import FaultProxy
 from tests.harness import Model, PipelineProcess, assert_table_matches, lake_env, table_rows
 from tests.test_crash_recovery import assert_exactly_once

@@ -9,8 +9,8 @@ import pytest
 from confluent_kafka import Consumer
 from deltalake import DeltaTable
 
-from dataflow.generate import Generator, produce
 from dataflow.model import DeadLetter
+from services.generate import Generator, produce
 from tests.harness import Model, assert_table_matches, pipeline_env, run_pipeline, table_rows
 
 pytestmark = pytest.mark.integration

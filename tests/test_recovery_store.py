@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from dataflow.recovery import RecoveryStoreMismatch, prepare
+from dataflow.runtime.recovery import RecoveryStoreMismatch, prepare
 
 FP = {"pipeline": "cdc", "topics": {"cdc.shop.orders": 4}}
 

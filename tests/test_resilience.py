@@ -9,7 +9,7 @@ import pytest
 from circuitbreaker import CircuitBreakerError
 from deltalake.exceptions import CommitFailedError, SchemaMismatchError
 
-from dataflow.resilience import (
+from dataflow.runtime.retry import (
     Backoff,
     ErrorClass,
     PermanentError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataflow.settings import Settings, SettingsError
+from dataflow.runtime.settings import Settings, SettingsError
 
 
 def test_defaults_run_the_embedded_sample() -> None:

@@ -19,9 +19,12 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflow import arrow_convert, events, extjson, speedups, validate
-from dataflow.generate import Generator
+from dataflow import speedups
+from dataflow.decode import envelopes as events
+from dataflow.decode import extjson, validate
+from dataflow.lake import columns as arrow_convert
 from dataflow.model import DeadLetter
+from services.generate import Generator
 
 native = speedups.native
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker, CircuitBreakerError
 
-from dataflow.metrics import (
+from dataflow.runtime.metrics import (
     BREAKER_FAILURES,
     BREAKER_OPENS,
     BREAKER_STATE,

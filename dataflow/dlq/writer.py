@@ -22,8 +22,8 @@ from pathlib import Path
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, Producer
 
-from dataflow.metrics import DLQ_EVENTS, DLQ_FALLBACK_WRITES, DLQ_WRITE_FAILURES
 from dataflow.model import DeadLetter
+from dataflow.runtime.metrics import DLQ_EVENTS, DLQ_FALLBACK_WRITES, DLQ_WRITE_FAILURES
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage, _KafkaSourcePartition
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
-from dataflow import shutdown
 from dataflow.model import SourceMessage
+from dataflow.runtime import shutdown
 
 log = logging.getLogger(__name__)
 

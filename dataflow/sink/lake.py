@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflow.batching import Batch
-from dataflow.delta_sink import DeltaTableWriter, WriteResult
-from dataflow.dlq import DLQWriter
-from dataflow.inflight import Inflight
-from dataflow.metrics import (
+from dataflow.batch.inflight import Inflight
+from dataflow.batch.tables import Batch
+from dataflow.dlq.writer import DLQWriter
+from dataflow.lake.storage import health_probe
+from dataflow.lake.writer import DeltaTableWriter, WriteResult
+from dataflow.model import ChangeEvent, DeadLetter, Reason
+from dataflow.runtime.metrics import (
     CHECKPOINT_DURATION,
     CHECKPOINT_FAILURES,
     CHECKPOINT_LAG,
@@ -38,10 +40,8 @@ from dataflow.metrics import (
     END_TO_END_LAG,
     EVENTS_OUT,
 )
-from dataflow.model import ChangeEvent, DeadLetter, Reason
-from dataflow.resilience import Backoff, RetriesExhausted, StorageBreaker, retry
-from dataflow.settings import Settings
-from dataflow.storage import health_probe
+from dataflow.runtime.retry import Backoff, RetriesExhausted, StorageBreaker, retry
+from dataflow.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

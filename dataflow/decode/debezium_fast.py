@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dataflow import extjson, speedups
+from dataflow import speedups
+from dataflow.decode import extjson
+from dataflow.decode.validate import MAX_ORD, MAX_SECONDS, check_namespace
 from dataflow.model import ChangeEvent, SourceMessage
-from dataflow.validate import MAX_ORD, MAX_SECONDS, check_namespace
 
 _KINDS = {"c": "insert", "r": "insert", "u": "update"}
 

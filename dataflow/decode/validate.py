@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from dataflow import speedups
-from dataflow.extjson import id_text
+from dataflow.decode.extjson import id_text
 from dataflow.model import ChangeEvent
 
 _OPS = frozenset({"insert", "update", "replace", "delete"})

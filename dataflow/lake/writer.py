@@ -6,12 +6,12 @@ the commit. delta-rs records them but never skips a replay by itself, so before
 each write the table is refreshed and events at or below the recorded version
 are dropped (offsets are compared, never assumed contiguous). A commit that
 raises is resolved the same way: if the recorded versions now cover the batch,
-it landed. Retries live in `dataflow.resilience`, not here.
+it landed. Retries live in `dataflow.runtime.retry`, not here.
 
 merge mode keeps the collection's current state keyed by `_id`; a `_seq`
 column (cluster seconds << 31 | ordinal) guards every update and delete so that
 a replayed or late event never overwrites newer state. append mode keeps one
-row per event with its source coordinates. Type decisions: `dataflow.arrow_convert`.
+row per event with its source coordinates. Type decisions: `dataflow.lake.columns`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Field, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from dataflow.arrow_convert import (
+from dataflow.lake.columns import (
     Column,
     Layout,
     build_arrays,

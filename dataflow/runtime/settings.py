@@ -22,7 +22,7 @@ CHANGELOG_DIR = "_changelog"
 DEFAULT_BATCH_ROWS = {"append": 10_000, "merge": 25_000, "both": 25_000}
 
 TableMode = Literal["merge", "append", "both"]
-SAMPLE = Path(__file__).parent / "sample" / "changes.jsonl"
+SAMPLE = Path(__file__).parent.parent / "sample" / "changes.jsonl"
 
 
 class SettingsError(ValueError):

@@ -16,7 +16,7 @@ import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from dataflow.shutdown import Stoppable
+from dataflow.runtime.shutdown import Stoppable
 
 
 def _field(line: dict, name: str) -> bytes | None:

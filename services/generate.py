@@ -1,6 +1,6 @@
 """Realistic Debezium MongoDB change events, for tests, the demo and benchmarks.
 
-`python -m dataflow.generate --brokers HOST:PORT --docs 10000 --collections 3`
+`python -m services.generate --brokers HOST:PORT --docs 10000 --collections 3`
 produces to one topic per collection (`<prefix>.<db>.<collection>`), keyed by
 `_id` as Debezium does, with a tombstone after every delete. Each message also
 carries the logical change it encodes, so a test can build its own model of the
@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from dataflow.kafka_admin import create_topics
+from dataflow.source.topics import create_topics
 
 DEBEZIUM_VERSION = "2.7.3.Final"
 KEY_SCHEMA = {
@@ -346,7 +346,7 @@ def produce(brokers: str, messages: Iterator[Message], extra: dict[str, str] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataflow.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.generate", description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--brokers", help="produce to this Kafka broker")
     target.add_argument("--out", help="write a recorded-message file instead (the demo's sample format)")
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         doc_bytes=args.doc_bytes,
     )
     if args.out:
-        from dataflow.sample_source import write_line
+        from dataflow.source.sample import write_line
 
         with open(args.out, "wb") as f:
             n = sum(f.write(write_line(m.topic, m.key, m.value)) > 0 for m in gen.messages(args.events))

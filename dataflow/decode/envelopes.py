@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 
-from dataflow import debezium_fast, extjson, speedups, validate
+from dataflow import speedups
+from dataflow.decode import debezium_fast, extjson, validate
 from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason, SourceMessage
 
 __all__ = ["DEFAULT_MAX_BYTES", "parse"]

@@ -18,7 +18,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dataflow.batching import Batch
+    from dataflow.batch.tables import Batch
 
 
 class Inflight:

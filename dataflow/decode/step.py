@@ -15,10 +15,10 @@ import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.dataflow import Stream, operator
 
-from dataflow import gc_timer
-from dataflow.events import parse
-from dataflow.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
+from dataflow.decode.envelopes import parse
 from dataflow.model import ChangeEvent, DeadLetter, EventChunk, SourceMessage
+from dataflow.runtime import gc_timer
+from dataflow.runtime.metrics import EVENTS_IN, EVENTS_PARSED, TOMBSTONES
 
 log = logging.getLogger(__name__)
 

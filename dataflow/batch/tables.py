@@ -11,7 +11,7 @@ close in turn instead of all at once, so each batch can be larger for the same
 memory (three tables: half the bound per batch, against a third).
 
 A closed batch is committed on the sink's own thread while new events arrive
-(`dataflow.inflight`): until the sink releases it, the table's snapshot carries
+(`dataflow.batch.inflight`): until the sink releases it, the table's snapshot carries
 it too, and a restored batcher hands such batches to the sink again first.
 """
 
@@ -27,10 +27,10 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from dataflow.events import parse
-from dataflow.inflight import Inflight
-from dataflow.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
+from dataflow.batch.inflight import Inflight
+from dataflow.decode.envelopes import parse
 from dataflow.model import ChangeEvent, EventChunk
+from dataflow.runtime.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
 
 
 @dataclass(frozen=True)

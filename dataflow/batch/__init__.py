@@ -1,0 +1,1 @@
+"""Per-table batching with deadlines, and the closed batches held until the sink makes them durable."""

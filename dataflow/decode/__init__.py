@@ -1,0 +1,1 @@
+"""From message bytes to change events: connector envelopes, Extended JSON, validation."""

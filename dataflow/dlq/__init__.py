@@ -1,0 +1,1 @@
+"""Dead letters: confirmed delivery to a Kafka topic, a durable local fallback, inspection and replay."""

@@ -1,0 +1,1 @@
+"""What every step shares: settings, the failure vocabulary, retries, logs, metrics, shutdown, recovery."""
