@@ -60,9 +60,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:
-    """Set up the root logger once for the process (idempotent)."""
-    level = (level or os.environ.get("CDC_LOG_LEVEL") or "INFO").upper()
-    fmt = fmt or os.environ.get("CDC_LOG_FORMAT") or "json"
+    """Set up the root logger once for the process (idempotent).
+
+    A level or format it does not know is an error naming the variable, not a quiet default.
+    """
+    given_level = level or os.environ.get("CDC_LOG_LEVEL") or "INFO"
+    given_fmt = fmt or os.environ.get("CDC_LOG_FORMAT") or "json"
+    level, fmt = (given_level.strip() or "INFO").upper(), (given_fmt.strip() or "json").lower()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"CDC_LOG_LEVEL={given_level!r} must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if fmt not in ("json", "text"):
+        raise ValueError(f"CDC_LOG_FORMAT={given_fmt!r} must be json or text")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redactor())
     handler.setFormatter(
