@@ -6,8 +6,8 @@
 
 A PrometheusRule's `spec` has the same shape as a Prometheus rule file
 (`groups: [...]`), so the rule file's text is embedded as is, indented under
-`spec:`, rather than parsed and re-serialised: no YAML library is needed (the
-project does not depend on PyYAML), comments survive, and the rules in
+`spec:`, rather than parsed and re-serialised: no YAML library is needed (PyYAML
+is only a test dependency, in the `dev` extra), comments survive, and the rules in
 Kubernetes are byte for byte the ones Prometheus and promtool see in
 docker-compose. Indenting every line by the same amount keeps the meaning of
 any YAML document, block scalars included. tests/test_deploy_manifests.py

@@ -3,12 +3,13 @@
 - promtool (Debian's `prometheus` package; `.ci/install-promtool`) checks the rule file and
   the Prometheus config, and runs the rules' unit tests (`alerts_test.yml`).
 - Every alert has a unit test where it fires and one where it does not.
-- Every metric name in the alerts and the dashboard is one `dataflow/runtime/metrics.py` exports.
+- Every metric name in the alerts and the dashboard is one `dataflow/runtime/metrics.py` exports;
+  every metric name starts with `cdc_`, and the docs use no old (unprefixed) name.
 - Every alert's runbook_url points at a heading of `docs/runbook.md` named after the alert.
 
-PyYAML is not a dependency of this project, so the YAML files are read by `MiniYaml`, a
-reader for the block-style subset they are written in; it refuses anything else loudly,
-and its reading of alerts.yml is checked against promtool's rule count.
+The YAML files are read with PyYAML (the `dev` extra); its reading of alerts.yml is
+checked against promtool's rule count. The promtool tests are marked `tools`: they fail,
+never skip, when promtool is missing; `pytest -m "not tools"` leaves them out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "monitoring" / "prometheus"
@@ -28,207 +30,57 @@ ALERTS_TEST = PROM_DIR / "alerts_test.yml"
 PROM_CONFIG = PROM_DIR / "prometheus.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "cdc-pipeline.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
-METRICS = ROOT / "dataflow" / "metrics.py"
+METRICS = ROOT / "dataflow" / "runtime" / "metrics.py"
 
 # Series Prometheus makes itself, not the pipeline.
 PROMETHEUS_SERIES = {"up"}
+# Metrics deleted because they recorded the same value as another one: no document,
+# alert or dashboard may name them again.
+REMOVED = {
+    "checkpoint_duration_seconds",  # = cdc_delta_commit_duration_seconds, summed over mode
+    "dlq_write_failures_total",  # = cdc_dlq_fallback_writes_total{cause="delivery_failed"}
+}
 SEVERITIES = {"warning", "critical"}
 
 
-# ---------------------------------------------------------------- a YAML subset
+# ---------------------------------------------------------------- YAML
 
 
-class MiniYaml:
-    """Block mappings and sequences, plain and quoted scalars, `|`/`>` block scalars, comments,
-    and `[]`/`{}`. Scalars stay strings. Flow collections, anchors, tags, multi-line plain
-    scalars and multiple documents raise ValueError."""
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (as promtool does)
+    instead of keeping the last one silently."""
 
-    KEY = re.compile(r"""^("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[A-Za-z_][\w.\-/]*)\s*:(?:\s+(.*))?$""")
-
-    def __init__(self, text: str, source: str) -> None:
-        self.lines = text.splitlines()
-        self.i = 0
-        self.source = source
-
-    @classmethod
-    def load(cls, path: Path) -> object:
-        return cls(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT))).parse()
-
-    def error(self, msg: str) -> ValueError:
-        return ValueError(
-            f"{self.source}:{self.i + 1}: {msg} (tests/test_alert_rules.py reads a YAML subset: "
-            "block style, no anchors, tags or flow collections)"
-        )
-
-    def peek(self) -> tuple[int, str] | None:
-        """(indent, content) of the next line with content; skips blanks and comments."""
-        while self.i < len(self.lines):
-            raw = self.lines[self.i]
-            content = raw.strip()
-            if content and not content.startswith("#"):
-                if content == "---" or content == "...":
-                    raise self.error("document markers are not supported")
-                indent = len(raw) - len(raw.lstrip(" "))
-                if raw[indent] == "\t":
-                    raise self.error("tab indentation")
-                return indent, content
-            self.i += 1
-        return None
-
-    def parse(self) -> object:
-        first = self.peek()
-        if first is None:
-            return None
-        node = self.node(first[0])
-        if self.peek() is not None:
-            raise self.error("content left over: bad indentation?")
-        return node
-
-    @staticmethod
-    def is_item(content: str) -> bool:
-        return content == "-" or content.startswith("- ")
-
-    def node(self, indent: int) -> object:
-        nxt = self.peek()
-        assert nxt is not None
-        return self.seq(indent) if self.is_item(nxt[1]) else self.mapping(indent)
-
-    def seq(self, indent: int) -> list[object]:
-        items: list[object] = []
-        while (nxt := self.peek()) and nxt[0] == indent and self.is_item(nxt[1]):
-            rest = nxt[1][1:].lstrip()
-            if not rest:
-                self.i += 1
-                child = self.peek()
-                items.append(self.node(child[0]) if child and child[0] > indent else None)
-            elif self.KEY.match(rest):  # "- key: value" opens a mapping at the key's column
-                column = indent + len(nxt[1]) - len(rest)
-                self.lines[self.i] = " " * column + rest
-                items.append(self.mapping(column))
-            else:
-                items.append(self.scalar(rest))
-                self.i += 1
-        if (nxt := self.peek()) and nxt[0] > indent:
-            raise self.error("unexpected indentation")
-        return items
-
-    def mapping(self, indent: int) -> dict[str, object]:
-        out: dict[str, object] = {}
-        while (nxt := self.peek()) and nxt[0] == indent and not self.is_item(nxt[1]):
-            m = self.KEY.match(nxt[1])
-            if not m:
-                raise self.error(f"expected `key: value`, got {nxt[1]!r}")
-            key = str(self.scalar(m.group(1)))
-            if key in out:
-                raise self.error(f"duplicate key {key!r}")
-            value = (m.group(2) or "").strip()
-            self.i += 1
-            if value.startswith(("|", ">")):
-                out[key] = self.block_scalar(indent, value)
-            elif not value or value.startswith("#"):
-                child = self.peek()
-                nested = child and (child[0] > indent or (child[0] == indent and self.is_item(child[1])))
-                out[key] = self.node(child[0]) if nested else None
-            else:
-                out[key] = self.scalar(value)
-        if (nxt := self.peek()) and nxt[0] > indent:
-            raise self.error("unexpected indentation")
-        return out
-
-    def scalar(self, text: str) -> object:
-        if text.startswith('"'):
-            m = re.fullmatch(r'"((?:[^"\\]|\\.)*)"\s*(?:#.*)?', text)
-            if not m:
-                raise self.error(f"bad double-quoted scalar {text!r}")
-            return json.loads(f'"{m.group(1)}"')
-        if text.startswith("'"):
-            m = re.fullmatch(r"'((?:[^']|'')*)'\s*(?:#.*)?", text)
-            if not m:
-                raise self.error(f"bad single-quoted scalar {text!r}")
-            return m.group(1).replace("''", "'")
-        plain = re.split(r"\s#", text, maxsplit=1)[0].rstrip()
-        if plain == "[]":
-            return []
-        if plain == "{}":
-            return {}
-        if plain[0] in "[{&*!%@`|>" or ": " in plain:
-            raise self.error(f"unsupported scalar {text!r}")
-        return plain
-
-    def block_scalar(self, indent: int, header: str) -> str:
-        m = re.fullmatch(r"([|>])([-+]?)\s*(?:#.*)?", header)
-        if not m:
-            raise self.error(f"unsupported block scalar header {header!r}")
-        style, chomp = m.groups()
-        lines: list[str] = []
-        block_indent = None
-        while self.i < len(self.lines):
-            raw = self.lines[self.i]
-            if not raw.strip():
-                lines.append("")
-                self.i += 1
-                continue
-            ind = len(raw) - len(raw.lstrip(" "))
-            if ind <= indent:
-                break
-            if block_indent is None:
-                block_indent = ind
-            elif ind < block_indent:
-                raise self.error("block scalar line indented less than its first line")
-            lines.append(raw[block_indent:])
-            self.i += 1
-        trailing = 0
-        while lines and not lines[-1]:
-            lines.pop()
-            trailing += 1
-        if style == "|":
-            text = "\n".join(lines)
-        else:  # folded: lines join with a space, a blank line is a newline
-            text = ""
-            for line in lines:
-                text += "\n" if not line else (" " if text and not text.endswith("\n") else "") + line
-        if chomp == "-" or not lines:
-            return text
-        return text + "\n" * (1 + trailing if chomp == "+" else 1)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-def test_mini_yaml_reads_the_subset_and_refuses_the_rest():
-    text = """\
-# comment
-a: 1
-b: "x: \\"y\\""  # trailing comment
-c: 'it''s'
-d:
-  - e: |
-      line 1
-      line 2
-    f: >-
-      folded
-      text
-  -
-    g: []
-  - plain scalar
-h:
-- 1
-- {}
-"""
-    assert MiniYaml(text, "t").parse() == {
-        "a": "1",
-        "b": 'x: "y"',
-        "c": "it's",
-        "d": [{"e": "line 1\nline 2\n", "f": "folded text"}, {"g": []}, "plain scalar"],
-        "h": ["1", {}],
-    }
-    for bad in ("a: [1, 2]\n", "a: &x 1\n", "a: 1\n  b: 2\n", "a: 1\na: 2\n", "a: b: c\n"):
-        with pytest.raises(ValueError):
-            MiniYaml(bad, "t").parse()
+def load_yaml(path: Path) -> object:
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
+
+
+def test_yaml_loader_refuses_duplicate_keys():
+    assert yaml.load("a: 1\nb: {c: 2}\n", Loader=StrictLoader) == {"a": 1, "b": {"c": 2}}
+    for bad in ("a: 1\na: 2\n", "a:\n  b: 1\n  b: 2\n"):
+        with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key"):
+            yaml.load(bad, Loader=StrictLoader)
 
 
 # ---------------------------------------------------------------- the files
 
 
 def alert_rules() -> list[dict]:
-    doc = MiniYaml.load(ALERTS)
+    doc = load_yaml(ALERTS)
     groups = doc["groups"]
     assert [g["name"] for g in groups] == ["cdc-pipeline"]
     rules = [r for g in groups for r in g["rules"]]
@@ -238,7 +90,7 @@ def alert_rules() -> list[dict]:
 
 def rule_tests() -> list[dict]:
     """Every alert_rule_test entry of alerts_test.yml, with its test group's name."""
-    doc = MiniYaml.load(ALERTS_TEST)
+    doc = load_yaml(ALERTS_TEST)
     assert doc["rule_files"] == ["alerts.yml"]
     out = []
     for group in doc["tests"]:
@@ -247,12 +99,18 @@ def rule_tests() -> list[dict]:
     return out
 
 
-def contract_metrics() -> set[str]:
-    """Series names dataflow/runtime/metrics.py exports: histograms as _bucket/_sum/_count."""
+def metric_definitions() -> list[tuple[str, str]]:
+    """(kind, name) of every metric dataflow/runtime/metrics.py defines."""
     found = re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"", METRICS.read_text())
     assert len(found) >= 20, f"parsed only {found} from {METRICS}"
+    return found
+
+
+def contract_metrics() -> set[str]:
+    """Series names dataflow/runtime/metrics.py exports: histograms as _bucket/_sum/_count."""
     names = set()
-    for kind, name in found:
+    for kind, name in metric_definitions():
+        assert name not in REMOVED, f"{name} was removed as a duplicate"
         if kind == "Histogram":
             names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
         else:
@@ -340,21 +198,24 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.tools
 def test_promtool_check_rules():
     promtool = promtool_path()
     proc = run([promtool, "check", "rules", str(ALERTS.relative_to(ROOT))], cwd=ROOT)
     m = re.search(r"SUCCESS: (\d+) rules found", proc.stdout)
     assert m, proc.stdout
-    # The YAML reader of these tests sees the rules promtool sees.
+    # The YAML loader of these tests sees the rules promtool sees.
     assert int(m.group(1)) == len(alert_rules()), proc.stdout
 
 
+@pytest.mark.tools
 def test_promtool_check_config():
     promtool = promtool_path()
     # rule_files resolve relative to the config file; run from its folder anyway.
     run([promtool, "check", "config", PROM_CONFIG.name], cwd=PROM_DIR)
 
 
+@pytest.mark.tools
 def test_promtool_test_rules():
     promtool = promtool_path()
     run([promtool, "test", "rules", ALERTS_TEST.name], cwd=PROM_DIR)
@@ -369,7 +230,7 @@ def test_every_alert_is_labelled_and_annotated():
     assert len(names) == len(set(names)), f"duplicate alert names: {names}"
     required = {
         "CDCDeadLetterRateHigh",
-        "CDCMaxRetriesExceeded",
+        "CDCCommitsRetrying",
         "CDCCheckpointLagHigh",
         "CDCCircuitBreakerOpen",
         "CDCCorruptionRateHigh",
@@ -421,9 +282,31 @@ def test_metric_names_are_in_the_contract():
         used[f"dashboard: {expr}"] = names
     used["dashboard variables"] = dashboard_variable_metrics()
     unknown = {where: sorted(n - contract) for where, n in used.items() if n - contract}
-    assert not unknown, "metric names not exported by dataflow/runtime/metrics.py:\n" + "\n".join(
-        f"  {where}: {names}" for where, names in unknown.items()
+    assert not unknown, (
+        "metric names not exported by dataflow/runtime/metrics.py (or pending removal):\n"
+        + "\n".join(f"  {where}: {names}" for where, names in unknown.items())
     )
+
+
+def test_metric_names_have_one_prefix():
+    names = [name for _, name in metric_definitions()]
+    assert len(names) == len(set(names)), f"a metric name is defined twice: {sorted(names)}"
+    unprefixed = sorted(n for n in names if not n.startswith("cdc_") and n not in REMOVED)
+    assert not unprefixed, f"metric names without the cdc_ prefix: {unprefixed}"
+
+
+def test_docs_name_metrics_by_their_current_names():
+    """No unprefixed (old) name of a metric, and no metric pending removal, in the files
+    people read: the runbook, the README, the rules and the dashboard."""
+    prefixed = [name for _, name in metric_definitions() if name.startswith("cdc_")]
+    stale = {name.removeprefix("cdc_") for name in prefixed} | REMOVED
+    problems = []
+    for path in (RUNBOOK, ROOT / "README.md", ALERTS, ALERTS_TEST, DASHBOARD):
+        text = path.read_text(encoding="utf-8")
+        for name in sorted(stale):
+            if re.search(rf"(?<!\w){name}(?!\w)|(?<!\w){name}_(?:bucket|sum|count)\b", text):
+                problems.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not problems, "old or pending-removal metric names:\n" + "\n".join(problems)
 
 
 def test_dashboard_uses_the_datasource_variable():

@@ -3,8 +3,11 @@
 Validation is offline. `.ci/install-kubeconform` installs into .cache/:
 kubeconform (Go module), the Kubernetes JSON schemas (from the
 `kubernetes-validate` wheel on PyPI), validators generated from the
-prometheus-operator CRDs plus a YAML parser (npm), and docker compose if the
-docker CLI lacks it. These tests fail, never skip, when a tool is missing.
+prometheus-operator CRDs (npm, run with node), and docker compose if the
+docker CLI lacks it. YAML is read with PyYAML (the `dev` extra).
+
+Tests that need those tools, or kubectl/kustomize, are marked `tools`: they fail,
+never skip, when a tool is missing; `pytest -m "not tools"` leaves them out.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from bytewax.connectors.kafka import KafkaSourceMessage
 
 from dataflow.decode.envelopes import parse
@@ -74,16 +78,34 @@ def node(tools: dict[str, str], code: str, stdin: str) -> Any:
     return json.loads(proc.stdout)
 
 
-YAML_TO_JSON = """
-import yaml from "js-yaml";
-import { readFileSync } from "node:fs";
-console.log(JSON.stringify(yaml.loadAll(readFileSync(0, "utf8")).filter((d) => d != null)));
-"""
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (as kubectl does)
+    instead of keeping the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(tools: dict[str, str], text: str) -> list[Any]:
-    """All documents of a YAML stream (js-yaml: the venv has no PyYAML)."""
-    return node(tools, YAML_TO_JSON, text)
+def load_yaml(text: str) -> list[Any]:
+    """All documents of a YAML stream, empty ones left out."""
+    return [d for d in yaml.load_all(text, Loader=StrictLoader) if d is not None]
+
+
+def test_load_yaml() -> None:
+    assert load_yaml("a: 1\n---\n---\nb: [x, 'y']\n") == [{"a": 1}, {"b": ["x", "y"]}]
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key"):
+        load_yaml("a: 1\na: 2\n")
 
 
 def manifest_files() -> list[Path]:
@@ -92,7 +114,7 @@ def manifest_files() -> list[Path]:
     return files
 
 
-def rendered(tools: dict[str, str]) -> str:
+def rendered() -> str:
     """`kubectl kustomize k8s/` (what `kubectl apply -k` sends), or standalone kustomize."""
     if shutil.which("kubectl"):
         proc = run(["kubectl", "kustomize", str(K8S)])
@@ -133,6 +155,7 @@ def kubeconform(tools: dict[str, str], paths: list[str], stdin: str | None = Non
 # --- Kubernetes: schemas -----------------------------------------------------------
 
 
+@pytest.mark.tools
 def test_manifests_validate_against_kubernetes_schemas(tools) -> None:
     report = kubeconform(tools, [str(p) for p in manifest_files()])
     problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
@@ -144,13 +167,15 @@ def test_manifests_validate_against_kubernetes_schemas(tools) -> None:
     assert skipped <= set(CRD_KINDS), skipped
 
 
+@pytest.mark.tools
 def test_kustomize_output_validates(tools) -> None:
-    report = kubeconform(tools, ["-"], stdin=rendered(tools))
+    report = kubeconform(tools, ["-"], stdin=rendered())
     problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
     assert not problems, json.dumps(problems, indent=2)
     assert report["summary"]["valid"] == 7 and report["summary"]["skipped"] == 2, report["summary"]
 
 
+@pytest.mark.tools
 def test_kubeconform_rejects_an_invalid_manifest(tools, tmp_path) -> None:
     """A control: the local schemas are really loaded and strict (not silently skipped)."""
     bad = (
@@ -171,14 +196,14 @@ def test_kubeconform_rejects_an_invalid_manifest(tools, tmp_path) -> None:
     assert "containerPort': got string, want integer" in result["msg"], result["msg"]
 
 
+# stdin: a JSON list of the documents (load_yaml's output).
 CRD_VALIDATE = """
-import yaml from "js-yaml";
 import { readFileSync } from "node:fs";
 import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 const models = { PrometheusRule, ServiceMonitor };
 const out = [];
-for (const doc of yaml.loadAll(readFileSync(0, "utf8"))) {
+for (const doc of JSON.parse(readFileSync(0, "utf8"))) {
   if (!doc || !(doc.kind in models)) continue;
   try {
     new models[doc.kind](doc).validate();
@@ -191,13 +216,15 @@ console.log(JSON.stringify(out));
 """
 
 
+@pytest.mark.tools
 def test_crd_resources_validate(tools) -> None:
     """PrometheusRule and ServiceMonitor, against validators generated from the operator's CRD schemas."""
-    results = node(tools, CRD_VALIDATE, rendered(tools))
+    results = node(tools, CRD_VALIDATE, json.dumps(load_yaml(rendered())))
     assert sorted(r["kind"] for r in results) == sorted(CRD_KINDS), results
     assert all(r["error"] is None for r in results), results
 
 
+@pytest.mark.tools
 def test_crd_validator_rejects_an_invalid_rule(tools) -> None:
     bad = """
 apiVersion: monitoring.coreos.com/v1
@@ -209,7 +236,7 @@ spec:
         - alert: NoExpr
           for: five minutes
 """
-    [result] = node(tools, CRD_VALIDATE, bad)
+    [result] = node(tools, CRD_VALIDATE, json.dumps(load_yaml(bad)))
     assert result["error"] and "name" in result["error"] and "expr" in result["error"], result
 
 
@@ -233,9 +260,9 @@ def test_prometheusrule_is_generated_from_alerts_yml() -> None:
     )
 
 
-def test_prometheusrule_groups_equal_alerts_yml_groups(tools) -> None:
-    [alerts] = load_yaml(tools, ALERTS.read_text())
-    [rule] = load_yaml(tools, (K8S / "prometheusrule.yaml").read_text())
+def test_prometheusrule_groups_equal_alerts_yml_groups() -> None:
+    [alerts] = load_yaml(ALERTS.read_text())
+    [rule] = load_yaml((K8S / "prometheusrule.yaml").read_text())
     assert rule["kind"] == "PrometheusRule" and rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(alerts) == {"groups"} and alerts["groups"], alerts
     assert rule["spec"] == alerts
@@ -253,11 +280,12 @@ def test_generator_refuses_what_it_cannot_embed() -> None:
 
 
 @pytest.fixture(scope="module")
-def resources(tools) -> dict[str, dict]:
-    docs = load_yaml(tools, rendered(tools))
+def resources() -> dict[str, dict]:
+    docs = load_yaml(rendered())
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
 
 
+@pytest.mark.tools
 def test_statefulset_wiring(resources) -> None:
     sts = resources["StatefulSet/cdc-pipeline"]
     config = resources["ConfigMap/cdc-pipeline-config"]["data"]
@@ -291,6 +319,7 @@ def test_statefulset_wiring(resources) -> None:
     }
 
 
+@pytest.mark.tools
 def test_pod_security(resources) -> None:
     pod = resources["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -307,6 +336,7 @@ def test_pod_security(resources) -> None:
     assert container["resources"]["requests"] and container["resources"]["limits"]
 
 
+@pytest.mark.tools
 def test_recovery_volume_is_shared(resources) -> None:
     """Process 0 creates every recovery partition; the others wait for it in the same directory."""
     pvc = resources["PersistentVolumeClaim/cdc-pipeline-data"]
@@ -331,6 +361,7 @@ def k8s_expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, text)
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("ordinal", [0, 1])
 def test_pod_command_builds_the_cluster_arguments(resources, tmp_path, ordinal) -> None:
     [container] = resources["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]["containers"]
@@ -352,6 +383,7 @@ def test_pod_command_builds_the_cluster_arguments(resources, tmp_path, ordinal) 
     ]
 
 
+@pytest.mark.tools
 def test_pdb_allows_one_disruption(resources) -> None:
     spec = resources["PodDisruptionBudget/cdc-pipeline"]["spec"]
     assert spec["maxUnavailable"] == 1
@@ -366,6 +398,7 @@ def compose_env(tools) -> dict[str, str]:
     return {"DOCKER_CONFIG": tools["DOCKER_CONFIG"]} if "DOCKER_CONFIG" in tools else {}
 
 
+@pytest.mark.tools
 def test_compose_config_is_valid(compose_env) -> None:
     assert shutil.which("docker"), "the docker CLI is not on PATH"
     proc = run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=compose_env)
@@ -379,6 +412,7 @@ def compose(compose_env) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.tools
 def test_compose_start_order_and_pipeline_settings(compose) -> None:
     services = compose["services"]
     for name, service in services.items():
@@ -435,7 +469,8 @@ def test_pinned_helper() -> None:
     assert not pinned("mongo") and not pinned("mongo:latest") and not pinned("localhost:5000/x")
 
 
-def test_every_image_is_pinned(tools, compose, resources) -> None:
+@pytest.mark.tools
+def test_every_image_is_pinned(compose, resources) -> None:
     images = {f"compose {n}": s["image"] for n, s in compose["services"].items() if "image" in s}
     assert not [n for n, s in compose["services"].items() if "image" not in s], "a service without image"
     for key, res in resources.items():
@@ -444,7 +479,7 @@ def test_every_image_is_pinned(tools, compose, resources) -> None:
             images[f"k8s {key} {container['name']}"] = container["image"]
     # The raw files too (what `kubectl apply -f` would send, without kustomize's images:).
     for path in manifest_files():
-        for doc in load_yaml(tools, path.read_text()):
+        for doc in load_yaml(path.read_text()):
             pod = doc.get("spec", {}).get("template", {}).get("spec") or {}
             for container in pod.get("containers", []) + pod.get("initContainers", []):
                 images[f"{path.name} {container['name']}"] = container["image"]

@@ -3,7 +3,8 @@
 Bytewax serves the default registry on its `/metrics` endpoint when
 `BYTEWAX_DATAFLOW_API_ENABLED` is set, so our metrics appear beside its own.
 Names are the contract with `monitoring/` (alert rules, dashboard): change
-them together.
+them together. Every name starts with `cdc_`, and no two metrics record the
+same value.
 """
 
 from __future__ import annotations
@@ -51,50 +52,43 @@ END_TO_END_LAG = Histogram(
 
 # Checkpoints: the offsets recorded in Delta txn actions
 CHECKPOINTS_COMMITTED = Counter(
-    "checkpoints_committed_total",
+    "cdc_checkpoints_committed_total",
     "Commits that advanced a partition's recorded offset",
     ["topic", "partition"],
 )
 CHECKPOINT_LAG = Gauge(
-    "checkpoint_lag_offsets",
+    "cdc_checkpoint_lag_offsets",
     "Partition end offset minus the offset recorded in Delta",
     ["topic", "partition"],
 )
 CHECKPOINT_FAILURES = Counter(
-    "checkpoint_failures_total", "Commits that failed (before any retry succeeded)", ["table"]
-)
-CHECKPOINT_DURATION = Histogram(
-    "checkpoint_duration_seconds",
-    "Time to commit a batch's offsets with its rows",
-    ["table"],
-    buckets=_SECONDS_BUCKETS,
+    "cdc_checkpoint_failures_total", "Commits that failed (before any retry succeeded)", ["table"]
 )
 
 # Retries
-RETRY_ATTEMPTS = Counter("retry_attempts_total", "Retried attempts, by operation", ["operation"])
+RETRY_ATTEMPTS = Counter("cdc_retry_attempts_total", "Retried attempts, by operation", ["operation"])
 RETRY_SUCCESS = Counter(
-    "retry_success_total", "Operations that succeeded after at least one retry", ["operation"]
+    "cdc_retry_success_total", "Operations that succeeded after at least one retry", ["operation"]
 )
-RETRY_EXHAUSTED = Counter("retry_exhausted_total", "Operations that ran out of retries", ["operation"])
+RETRY_EXHAUSTED = Counter("cdc_retry_exhausted_total", "Operations that ran out of retries", ["operation"])
 RETRY_DURATION = Histogram(
-    "retry_duration_seconds",
+    "cdc_retry_duration_seconds",
     "Time from first failure to success or giving up",
     ["operation"],
     buckets=_SECONDS_BUCKETS,
 )
 
 # Circuit breaker around storage
-BREAKER_STATE = Gauge("circuit_breaker_state", "0 closed, 1 open, 2 half-open", ["name"])
-BREAKER_FAILURES = Gauge("circuit_breaker_failures", "Consecutive failures counted by the breaker", ["name"])
-BREAKER_OPENS = Counter("circuit_breaker_opens_total", "Times the breaker opened", ["name"])
+BREAKER_STATE = Gauge("cdc_circuit_breaker_state", "0 closed, 1 open, 2 half-open", ["name"])
+BREAKER_FAILURES = Gauge(
+    "cdc_circuit_breaker_failures", "Consecutive failures counted by the breaker", ["name"]
+)
+BREAKER_OPENS = Counter("cdc_circuit_breaker_opens_total", "Times the breaker opened", ["name"])
 
 # Dead letters
-DLQ_EVENTS = Counter("dlq_events_total", "Messages dead-lettered, by reason", ["reason"])
-DLQ_WRITE_FAILURES = Counter(
-    "dlq_write_failures_total", "Dead letters the DLQ topic did not confirm (sent to the fallback file)"
-)
+DLQ_EVENTS = Counter("cdc_dlq_events_total", "Messages dead-lettered, by reason", ["reason"])
 DLQ_FALLBACK_WRITES = Counter(
-    "dlq_fallback_writes_total", "Dead letters written to the local fallback file, by cause", ["cause"]
+    "cdc_dlq_fallback_writes_total", "Dead letters written to the local fallback file, by cause", ["cause"]
 )
 
 
