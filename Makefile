@@ -43,11 +43,13 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-## demo: run the pipeline on its bundled sample (no services needed) into ./data
+## demo: run the pipeline on its bundled sample (no services needed) into ./data, then show what it wrote
 demo: $(VENV)/.installed
-	CDC_KAFKA_BROKERS= CDC_LAKE_URI=./data/lake CDC_DLQ_FALLBACK=./data/dlq/fallback.jsonl \
-	  CDC_LOG_LEVEL=ERROR CDC_LOG_FORMAT=text \
-	  $(PY) -m bytewax.run dataflow.main:flow
+	@export CDC_KAFKA_BROKERS= CDC_LAKE_URI=./data/lake CDC_DLQ_FALLBACK=./data/dlq/fallback.jsonl \
+	  CDC_LOG_LEVEL=ERROR CDC_LOG_FORMAT=text; \
+	  $(PY) -m bytewax.run dataflow.main:flow && \
+	  $(PY) -m dataflow.cli status && echo && \
+	  $(PY) -m dataflow.cli dlq inspect --fallback 2>/dev/null
 
 EVENTS ?= 1000000
 BENCH_ARGS ?=

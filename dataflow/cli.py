@@ -310,7 +310,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             continue
         if (
             not args.force
-            and r.reason not in (Reason.DELTA_WRITE_ERROR, Reason.MINIO_ERROR)
+            and r.reason is not Reason.DELTA_WRITE_ERROR
             and (why := still_bad(r, settings.max_document_bytes))
         ):
             bad += 1

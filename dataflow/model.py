@@ -94,17 +94,14 @@ class EventChunk:
 
 
 class Reason(StrEnum):
-    """Why a message went to the dead-letter queue."""
+    """Why a message went to the dead-letter queue: always the data, never an outage or our bug."""
 
     CORRUPTED_DATA = "CORRUPTED_DATA"
     SCHEMA_VALIDATION_FAILED = "SCHEMA_VALIDATION_FAILED"
     OVERSIZED_DOCUMENT = "OVERSIZED_DOCUMENT"
     INVALID_BSON = "INVALID_BSON"
     UNSUPPORTED_PARTIAL_UPDATE = "UNSUPPORTED_PARTIAL_UPDATE"
-    TRANSFORMATION_ERROR = "TRANSFORMATION_ERROR"
-    MAX_RETRIES_EXCEEDED = "MAX_RETRIES_EXCEEDED"
-    DELTA_WRITE_ERROR = "DELTA_WRITE_ERROR"
-    MINIO_ERROR = "MINIO_ERROR"
+    DELTA_WRITE_ERROR = "DELTA_WRITE_ERROR"  # decoded fine; the table refused a value
 
 
 def _b64(data: bytes | None) -> str | None:

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,18 @@ class PipelineProcess:
                 self.lines.append(line)
                 if "commit begin" in line:
                     self.commit_begun.set()
+
+    def wait_for(self, marker: str, count: int, timeout: float) -> None:
+        """Until `count` lines hold `marker`; fails the test if that does not happen in time."""
+        deadline = time.monotonic() + timeout
+        while (seen := sum(marker in line for line in self.lines)) < count:
+            assert self.proc.poll() is None, (
+                f"the pipeline exited after {seen} of {count} {marker!r} lines:\n{self.tail()}"
+            )
+            assert time.monotonic() < deadline, (
+                f"only {seen} of {count} {marker!r} lines in {timeout:.0f}s:\n{self.tail()}"
+            )
+            time.sleep(0.1)
 
     def kill(self, sig: int) -> None:
         if self.proc.poll() is None:

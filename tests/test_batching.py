@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import pickle
+from datetime import timedelta
 
 import bytewax.operators as op
+import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from dataflow.batch.inflight import Inflight
-from dataflow.batch.tables import Batch, BatchLimits, BatchSnapshot, OpenRows, TableBatcher, batch_by_table
+from dataflow.batch.tables import (
+    Batch,
+    BatchLimits,
+    BatchSnapshot,
+    OpenRows,
+    TableBatcher,
+    TableSnapshot,
+    batch_by_table,
+)
 from dataflow.decode.envelopes import parse
-from dataflow.model import ChangeEvent, EventChunk
+from dataflow.model import ChangeEvent, EventChunk, Reason
 from services.generate import Generator
 
 
@@ -237,10 +248,68 @@ def test_a_restored_batcher_hands_over_its_closed_batches_first() -> None:
     assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
-def test_a_snapshot_from_before_closed_batches_were_kept_still_restores() -> None:
+def big_message(mib: int, offset: int) -> KafkaSourceMessage:
+    """A Debezium insert whose value is `mib` MiB, past the default 16 MiB document limit."""
+    gen = Generator(collections=1, seed=4, doc_bytes=200)
+    m = next(m for m in gen.messages(50) if m.change is not None and m.change.op == "insert")
+    env = orjson.loads(m.value)
+    after = orjson.loads(env["payload"]["after"])
+    after["blob"] = "x" * (mib * 1024 * 1024)
+    env["payload"]["after"] = orjson.dumps(after).decode()
+    return KafkaSourceMessage(m.key, orjson.dumps(env), topic=m.topic, partition=0, offset=offset)
+
+
+def test_a_snapshot_holding_a_document_past_the_default_limit_restores() -> None:
+    """CDC_MAX_DOCUMENT_BYTES above 16 MiB, then a crash: the next start must not loop on the snapshot."""
+    big = parse(big_message(17, offset=0), max_bytes=64 * 1024 * 1024)
+    assert type(big) is ChangeEvent
     limits = BatchLimits(max_rows=100, max_bytes=10**9, max_seconds=60)
-    events = parsed(5)
-    old = BatchSnapshot.of(Batch(events[0].table, list(events), opened_at=1_000.0))
-    logic = TableBatcher(limits, pickle.loads(pickle.dumps(old)), clock=Clock(), inflight=Inflight())
-    out, _ = logic.on_eof()
-    assert [[e.offset for e in b.events] for b in out] == [[0, 1, 2, 3, 4]]
+    crashed = TableBatcher(limits, clock=Clock())
+    crashed.on_batch([big, *parsed(2)])
+    state = pickle.loads(pickle.dumps(crashed.snapshot()))
+    resumed = TableBatcher(limits, state, clock=Clock())
+    assert [e.offset for e in resumed.open.events] == [0, 0, 1]
+    assert resumed.open.events[0].doc["blob"] == big.doc["blob"]
+    assert resumed.open.rejected == []
+
+
+def test_a_snapshot_message_that_no_longer_decodes_becomes_a_dead_letter_not_a_crash() -> None:
+    limits = BatchLimits(max_rows=100, max_bytes=10**9, max_seconds=60)
+    events = parsed(3)
+    state = BatchSnapshot.of(Batch(events[0].table, list(events), opened_at=1_000.0))
+    # As if the decoder had changed since the crash: one message it once took, it now refuses.
+    topic, partition, offset, key, value, ts_ms, ord_ = state.messages[1]
+    state.messages[1] = (topic, partition, offset, key, b"{not json", ts_ms, ord_)
+    resumed = TableBatcher(limits, TableSnapshot([], state), clock=Clock())
+    assert [e.offset for e in resumed.open.events] == [0, 2]
+    assert [(d.offset, d.reason) for d in resumed.open.rejected] == [(1, Reason.CORRUPTED_DATA)]
+    assert resumed.notify_at() is not None
+    # The rejected message stays in the snapshot until the batch is handed over, then travels with it.
+    again = TableBatcher(limits, pickle.loads(pickle.dumps(resumed.snapshot())), clock=Clock())
+    assert [d.offset for d in again.open.rejected] == [1]
+    out, _ = again.on_eof()
+    assert [(len(b.events), [d.offset for d in b.rejected]) for b in out] == [(2, [1])]
+
+
+def test_a_restored_batch_past_the_default_limit_is_delivered_after_a_real_crash(tmp_path) -> None:
+    """Through Bytewax's own recovery store: snapshot at the abort, restore at the next run."""
+    big = parse(big_message(17, offset=100), max_bytes=64 * 1024 * 1024)
+    items = [big, TestingSource.ABORT(), *parsed(2)]
+    init_db_dir(tmp_path, 1)
+    recovery = RecoveryConfig(str(tmp_path))
+
+    def run() -> list[list[int]]:
+        got: list[Batch] = []
+        flow = Dataflow("big")
+        s = op.input("in", flow, TestingSource(items, batch_size=1))
+        limits = BatchLimits(max_rows=100, max_bytes=10**9, max_seconds=3600)
+        op.output("out", batch_by_table("b", s, limits=limits), TestingSink(got))
+        try:
+            run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
+        except Exception as e:  # the simulated crash
+            if "AbortExecution" not in f"{type(e).__name__}{e}":
+                raise
+        return [[e.offset for e in b.events] for b in got]
+
+    assert run() == []  # the big event sat in the open batch when the process died
+    assert run() == [[100, 0, 1]]  # restored from the snapshot, in spite of its size

@@ -37,7 +37,8 @@ def test_one_process_killed_then_both_restarted(kafka, s3, tmp_path) -> None:
     gen, model, bucket, env = setup(kafka, s3, tmp_path, seed=52, events=60_000)
     procs = start_cluster(env, tmp_path)
     deadline = time.monotonic() + 120
-    while sum("commit end" in line for p in procs for line in p.lines) < 6 and time.monotonic() < deadline:
+    while (commits := sum("commit end" in line for p in procs for line in p.lines)) < 6:
+        assert time.monotonic() < deadline, f"only {commits} commits in 120 s before the kill"
         time.sleep(0.1)
     procs[1].kill(signal.SIGKILL)
     assert procs[1].wait(30) == -signal.SIGKILL

@@ -13,7 +13,8 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from dataflow.decode.step import parse_events
-from dataflow.dlq.writer import DLQConfig, DLQSink, FallbackFile
+from dataflow.dlq.sink import DLQSink
+from dataflow.dlq.writer import DLQConfig, FallbackFile
 from dataflow.model import Reason
 from services.generate import Generator, Message, produce
 from tests.harness import pipeline_env, run_pipeline

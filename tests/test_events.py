@@ -742,11 +742,9 @@ def test_oversized_is_checked_before_parsing() -> None:
     dead(kmsg(b"x" * 100), Reason.OVERSIZED_DOCUMENT, max_bytes=10)  # not even JSON: size wins
 
 
-def test_value_that_is_not_bytes() -> None:
-    dl = parse(KafkaSourceMessage(key=b"k", value=12345, topic=TOPIC, partition=0, offset=1))
-    assert isinstance(dl, DeadLetter) and dl.reason == Reason.TRANSFORMATION_ERROR
-    assert "TypeError" in dl.error and dl.metadata["exception"] == "TypeError"
-    assert dl.key == b"k"
+def test_a_value_no_kafka_message_has_is_our_bug_and_raises() -> None:
+    with pytest.raises(TypeError):
+        parse(KafkaSourceMessage(key=b"k", value=12345, topic=TOPIC, partition=0, offset=1))
     text = orjson.dumps(orjson.loads(dbz_value(dbz_payload("c", CUSTOMER_RELAXED)))).decode()
     assert isinstance(parse(KafkaSourceMessage(key=OID_KEY, value=text, topic=TOPIC)), ChangeEvent)
 
@@ -763,11 +761,9 @@ class _ExplodingMessage:
         raise RuntimeError("broker gave us something odd")
 
 
-def test_transformation_error_when_the_message_itself_fails() -> None:
-    dl = parse(_ExplodingMessage())  # type: ignore[arg-type]
-    assert isinstance(dl, DeadLetter) and dl.reason == Reason.TRANSFORMATION_ERROR
-    assert dl.error == "RuntimeError: broker gave us something odd"
-    assert (dl.key, dl.value, dl.topic, dl.partition, dl.offset) == (b"k", None, TOPIC, 1, 9)
+def test_an_unexpected_exception_is_not_dead_lettered_but_raised() -> None:
+    with pytest.raises(RuntimeError, match="broker gave us something odd"):
+        parse(_ExplodingMessage())  # type: ignore[arg-type]
 
 
 def test_message_without_kafka_metadata() -> None:

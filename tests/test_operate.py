@@ -88,7 +88,7 @@ def test_metrics_move_and_the_breaker_opens_when_minio_stops(kafka, own_s3, tmp_
     try:
         first = wait_for(port, lambda s: total(s, "cdc_delta_commits_total") >= 2, 120, "the first commits")
         assert total(first, "cdc_events_in_total") >= 1
-        assert first.get('circuit_breaker_state{name="storage"}') == 0
+        assert first.get('cdc_circuit_breaker_state{name="storage"}') == 0
         produce(kafka.bootstrap, iter(messages[10_000:20_000]))
         out_before = total(first, "cdc_events_out_total")
         moving = wait_for(
@@ -99,20 +99,24 @@ def test_metrics_move_and_the_breaker_opens_when_minio_stops(kafka, own_s3, tmp_
             120,
             "the second 10,000 events read and committed",
         )
-        assert total(moving, "cdc_batch_rows_count") > 0 and total(moving, "checkpoints_committed_total") > 0
+        assert (
+            total(moving, "cdc_batch_rows_count") > 0 and total(moving, "cdc_checkpoints_committed_total") > 0
+        )
 
         own_s3.server.stop()
         produce(kafka.bootstrap, iter(messages[20_000:]))
         opened = wait_for(
-            port, lambda s: s.get('circuit_breaker_state{name="storage"}') == 1, 180, "breaker open"
+            port, lambda s: s.get('cdc_circuit_breaker_state{name="storage"}') == 1, 180, "breaker open"
         )
-        assert opened['circuit_breaker_opens_total{name="storage"}'] >= 1
-        assert total(opened, "retry_attempts_total") >= 5
-        assert total(opened, "checkpoint_failures_total") >= 5
+        assert opened['cdc_circuit_breaker_opens_total{name="storage"}'] >= 1
+        assert total(opened, "cdc_retry_attempts_total") >= 5
+        assert total(opened, "cdc_checkpoint_failures_total") >= 5
 
         own_s3.server.start()
-        wait_for(port, lambda s: s.get('circuit_breaker_state{name="storage"}') == 0, 180, "breaker closed")
-        wait_for(port, lambda s: total(s, "retry_success_total") >= 1, 60, "a retry to succeed")
+        wait_for(
+            port, lambda s: s.get('cdc_circuit_breaker_state{name="storage"}') == 0, 180, "breaker closed"
+        )
+        wait_for(port, lambda s: total(s, "cdc_retry_success_total") >= 1, 60, "a retry to succeed")
         # SIGTERM drains what was read; what is still in Kafka would wait for the next run.
         wait_for(port, lambda s: total(s, "cdc_events_in_total") >= len(messages), 120, "every event read")
     finally:

@@ -72,9 +72,7 @@ def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path, background) -> N
     env = env_for(kafka, own_s3.env, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background)
     p = PipelineProcess(env, tmp_path / "pipeline.log")
     rss = PeakRss(p.proc.pid)
-    deadline = time.monotonic() + 120
-    while sum("commit end" in line for line in p.lines) < 6 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    p.wait_for("commit end", 6, 120)
     before_start = time.time() - 5
     down_at = time.time()
     own_s3.server.stop()
@@ -180,9 +178,7 @@ def test_kafka_broker_restarted_mid_run(own_kafka, s3, tmp_path) -> None:
         env_for(own_kafka, s3.env, gen, bucket, tmp_path, CDC_BATCH_MAX_ROWS="1000"),
         tmp_path / "pipeline.log",
     )
-    deadline = time.monotonic() + 120
-    while sum("commit end" in line for line in p.lines) < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    p.wait_for("commit end", 4, 120)
     own_kafka.server.stop()
     time.sleep(8)
     own_kafka.server.start()

@@ -17,6 +17,8 @@ it too, and a restored batcher hands such batches to the sink again first.
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from dataflow.batch.inflight import Inflight
 from dataflow.decode.envelopes import parse
-from dataflow.model import ChangeEvent, EventChunk
+from dataflow.model import ChangeEvent, DeadLetter, EventChunk
 from dataflow.runtime.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,17 @@ class OpenRows:
 
 @dataclass
 class Batch:
-    """Events of one table, in arrival order, with when the first of them arrived."""
+    """Events of one table, in arrival order, with when the first of them arrived.
+
+    `rejected`: messages of a restored snapshot that no longer decode (the
+    decoder changed since): the sink dead-letters them instead of committing.
+    """
 
     table: str
     events: list[ChangeEvent] = field(default_factory=list)
     nbytes: int = 0
     opened_at: float = 0.0  # wall-clock seconds; survives a restart through the snapshot
+    rejected: list[DeadLetter] = field(default_factory=list)
 
 
 @dataclass
@@ -107,20 +116,36 @@ class BatchSnapshot:
         return cls(
             batch.table,
             batch.opened_at,
-            [(e.topic, e.partition, e.offset, e.raw_key, e.raw_value, e.ts_ms, e.ord) for e in batch.events],
+            [(e.topic, e.partition, e.offset, e.raw_key, e.raw_value, e.ts_ms, e.ord) for e in batch.events]
+            + [(d.topic, d.partition, d.offset, d.key, d.value, 0, 0) for d in batch.rejected],
         )
 
     def restore(self) -> Batch:
+        """The batch again, decoded as before the crash.
+
+        No size limit: each message passed the limit in force when it was read,
+        and a lower limit now must not turn a snapshot into a crash loop. A
+        message that no longer decodes at all becomes a dead letter, not an error.
+        """
         batch = Batch(self.table, opened_at=self.opened_at)
         for topic, partition, offset, key, value, ts_ms, ord_ in self.messages:
-            ev = parse(KafkaSourceMessage(key, value, topic=topic, partition=partition, offset=offset))
-            if type(ev) is not ChangeEvent:  # it decoded before the crash; it must again
-                raise RuntimeError(
-                    f"snapshot of {self.table} holds {topic}:{partition}@{offset}, which no longer decodes"
+            msg = KafkaSourceMessage(key, value, topic=topic, partition=partition, offset=offset)
+            ev = parse(msg, max_bytes=sys.maxsize)
+            if type(ev) is ChangeEvent:
+                ev.ts_ms, ev.ord = ts_ms, ord_  # as first decoded (they may come from the message timestamp)
+                batch.events.append(ev)
+                batch.nbytes += ev.size
+            elif ev is not None:
+                log.error(
+                    "snapshot of %s holds %s:%s@%s, which no longer decodes (%s): dead-lettering it",
+                    self.table,
+                    topic,
+                    partition,
+                    offset,
+                    ev.error,
+                    extra={"table": self.table, "topic": topic, "partition": partition, "offset": offset},
                 )
-            ev.ts_ms, ev.ord = ts_ms, ord_  # as first decoded (they may come from the message timestamp)
-            batch.events.append(ev)
-            batch.nbytes += ev.size
+                batch.rejected.append(ev)
         return batch
 
 
@@ -138,7 +163,7 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
     def __init__(
         self,
         limits: BatchLimits,
-        resume: TableSnapshot | BatchSnapshot | None = None,
+        resume: TableSnapshot | None = None,
         clock=time.time,
         open_rows: OpenRows | None = None,
         inflight: Inflight | None = None,
@@ -148,8 +173,6 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
         self.open_rows = open_rows if open_rows is not None else OpenRows(limits.open_rows_bound)
         self.inflight = inflight
         self.resend: list[Batch] = []  # restored closed batches, handed to the sink before anything else
-        if isinstance(resume, BatchSnapshot):  # a store written before closed batches were kept
-            resume = TableSnapshot([], resume)
         if resume is not None:
             self.resend = [s.restore() for s in resume.closed]
             for batch in self.resend:
@@ -166,7 +189,7 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
         return out
 
     def _close(self) -> list[Batch]:
-        if not self.open.events:
+        if not self.open.events and not self.open.rejected:
             return []
         self.open_rows.report(self.open.table, 0)
         full, self.open = self.open, Batch(self.open.table)
@@ -203,7 +226,7 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
         return self._resent() + self._close(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if self.resend:
+        if self.resend or (self.open.rejected and not self.open.events):
             return datetime.now(UTC)
         if not self.open.events:
             return None

@@ -16,14 +16,13 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, Producer
 
 from dataflow.model import DeadLetter
-from dataflow.runtime.metrics import DLQ_EVENTS, DLQ_FALLBACK_WRITES, DLQ_WRITE_FAILURES
+from dataflow.runtime.metrics import DLQ_EVENTS, DLQ_FALLBACK_WRITES
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +102,13 @@ class DLQConfig:
     # After the topic fails, send straight to the file for this long instead of
     # stalling every batch for a full delivery timeout while the broker is down.
     outage_backoff_s: float = 30.0
+    producer_config: dict[str, str] = field(default_factory=dict)  # CDC_KAFKA_* (TLS, SASL)
 
 
 class DLQWriter:
     """Delivers dead letters to the DLQ topic with confirmation, else to the fallback file."""
 
-    def __init__(self, config: DLQConfig, producer_config: dict | None = None) -> None:
+    def __init__(self, config: DLQConfig) -> None:
         self.config = config
         self.fallback = FallbackFile(config.fallback_path)
         self.limiter = RateLimiter(config.rate_per_minute)
@@ -126,7 +126,7 @@ class DLQWriter:
                     "message.timeout.ms": timeout_ms,
                     "message.max.bytes": 33554432,
                     "compression.type": "zstd",
-                    **(producer_config or {}),
+                    **config.producer_config,
                 }
             )
 
@@ -167,7 +167,6 @@ class DLQWriter:
             return
         failed = self._produce(to_topic)
         if failed:
-            DLQ_WRITE_FAILURES.inc(len(failed))
             self.skip_topic_until = time.monotonic() + self.config.outage_backoff_s
             log.error(
                 "DLQ topic did not confirm %d records; writing them to %s", len(failed), self.fallback.path
@@ -208,28 +207,3 @@ class DLQWriter:
     def close(self) -> None:
         if self.producer is not None:
             self.producer.flush(self.config.delivery_timeout_s)
-
-
-class _DLQPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, writer: DLQWriter) -> None:
-        self.writer = writer
-
-    def write_batch(self, items: list[DeadLetter]) -> None:
-        self.writer.write(items)
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.writer.counts:
-            by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(self.writer.counts.items()))
-            where = self.writer.config.topic if self.writer.producer else self.writer.fallback.path
-            print(f"dead letters: {sum(self.writer.counts.values())} ({by_reason}) to {where}", flush=True)
-
-
-class DLQSink(DynamicSink[DeadLetter]):
-    """Bytewax sink for dead letters; one confirmed producer per worker."""
-
-    def __init__(self, config: DLQConfig) -> None:
-        self.config = config
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DLQPartition:
-        return _DLQPartition(DLQWriter(self.config))

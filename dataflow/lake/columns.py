@@ -35,13 +35,16 @@ import orjson
 import pyarrow as pa
 
 from dataflow import speedups
-from dataflow.model import BsonTimestamp
+from dataflow.model import BsonTimestamp, Reason
+from dataflow.runtime.failures import BadData
 
 Kind = Literal["string", "int64", "float64", "bool", "timestamp", "binary", "bsonts", "json", "other"]
 Role = Literal["value", "json_fallback", "meta"]
 
 BSON_TIMESTAMP = pa.struct([pa.field("t", pa.int64()), pa.field("i", pa.int64())])
 TIMESTAMP_UTC = pa.timestamp("us", tz="UTC")
+# What converting a value can raise when the value is at fault (orjson's error is a TypeError).
+_VALUE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -150,7 +153,13 @@ def to_json_bytes(v: Any) -> bytes:
 
     Arrow takes the bytes for a string column as they are: no Python str is built.
     """
-    out = orjson.dumps(v, default=_json_default, option=_JSON_OPTS)
+    try:
+        out = orjson.dumps(v, default=_json_default, option=_JSON_OPTS)
+    except orjson.JSONEncodeError as e:
+        if e.__cause__ is not None:  # `_json_default` refused a type the decoder made: ours to fix
+            raise
+        # orjson's own refusals: an integer past 64 bits, nesting deeper than it writes
+        raise BadData(Reason.DELTA_WRITE_ERROR, f"value cannot be stored as JSON text: {e}") from e
     if b"null" in out:  # maybe a NaN/Infinity that orjson turned into null: redo the slow way
         out = orjson.dumps(_finite(v), default=_json_default, option=_JSON_OPTS)
     return out
@@ -347,17 +356,20 @@ def build_arrays(
             continue
         ok = ACCEPTS[main.kind]
         fb = layout.fallback.get(field)
-        if not kinds[field]:
-            out[main.name] = pa.nulls(len(col), main.type)
-        elif kinds[field] <= ok:
-            out[main.name] = to_array(col, main)
-        else:
-            fits = [v is None or kind_of(type(v)) in ok for v in col]
-            out[main.name] = to_array([v if f else None for v, f in zip(col, fits, strict=True)], main)
-            out[fb.name] = json_array(  # type: ignore[union-attr]
-                [None if f else v for v, f in zip(col, fits, strict=True)]
-            )
-            continue
+        try:
+            if not kinds[field]:
+                out[main.name] = pa.nulls(len(col), main.type)
+            elif kinds[field] <= ok:
+                out[main.name] = to_array(col, main)
+            else:
+                fits = [v is None or kind_of(type(v)) in ok for v in col]
+                out[main.name] = to_array([v if f else None for v, f in zip(col, fits, strict=True)], main)
+                out[fb.name] = json_array(  # type: ignore[union-attr]
+                    [None if f else v for v, f in zip(col, fits, strict=True)]
+                )
+                continue
+        except _VALUE_ERRORS as e:  # a value no column type holds (an integer past int64, say)
+            raise BadData(Reason.DELTA_WRITE_ERROR, f"field {field!r}: {type(e).__name__}: {e}") from e
         if fb is not None:
             out[fb.name] = pa.nulls(len(col), pa.string())
     return out

@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 from deltalake import DeltaTable
 
+from dataflow.lake.layout import CHANGELOG_DIR
 from dataflow.lake.storage import s3_client
-from dataflow.runtime.settings import CHANGELOG_DIR
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from dataflow.lake.columns import (
     field_columns,
 )
 from dataflow.model import ChangeEvent
+from dataflow.runtime.failures import ConfigError, Kind, Unavailable, classify
 
 Mode = Literal["merge", "append"]
 Source = tuple[str, int]
@@ -203,7 +204,10 @@ class DeltaTableWriter:
                 return None
             mode = dt.metadata().configuration.get(_MODE_KEY, self.mode)
             if mode != self.mode:
-                raise ValueError(f"{self.uri} is a {mode}-mode table; this writer is {self.mode}-mode")
+                raise ConfigError(
+                    f"{self.uri} is a {mode}-mode table, and this pipeline writes {self.mode} mode "
+                    f"(CDC_TABLE_MODE): set CDC_TABLE_MODE to match the lake, or point CDC_LAKE_URI at another one"
+                )
             self._dt = dt
         else:
             self._dt.update_incremental()
@@ -284,10 +288,10 @@ class DeltaTableWriter:
                 try:
                     self._add_columns(dt, layout, new)
                     added += tuple(c.name for c in new)
-                except Exception:
-                    if attempt == _SCHEMA_ATTEMPTS - 1:
+                except Exception as e:
+                    # A rival added the same columns first ("Metadata changed"): look again.
+                    if classify(e) is not Kind.UNAVAILABLE or attempt == _SCHEMA_ATTEMPTS - 1:
                         raise
-                    # e.g. a rival added the same columns first ("Metadata changed"): look again
                 continue
 
             arrays = build_arrays(layout, values, kinds)
@@ -306,7 +310,9 @@ class DeltaTableWriter:
             if self.mode == "merge":
                 self._merge_source(prepared, layout, rows)
             return prepared
-        raise RuntimeError(f"schema of {self.uri} kept changing concurrently; retry the batch")
+        raise Unavailable(
+            f"the schema of {self.uri} kept changing under a rival writer; the batch is retried"
+        )
 
     def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> None:
         """Record new columns, with their type decisions as field metadata, in one commit."""

@@ -7,8 +7,9 @@ for the largest cluster we support (`CDC_RECOVERY_PARTITIONS`, default 16).
 A store that is missing, empty, truncated or garbage is not fatal: the Delta
 tables' committed offsets are the record of truth. Such a store is moved
 aside, a new one is created, and every partition resumes from Delta (see
-`kafka_source`). A store written for other topics or partition counts is
-refused: resuming from it would mix up offsets.
+`dataflow.source.kafka`); so is a store of another snapshot format, whose
+pickles this version could not read. A store written for other topics or
+partition counts is refused: resuming from it would mix up offsets.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ from pathlib import Path
 import orjson
 from bytewax.recovery import init_db_dir
 
+from dataflow.runtime.failures import ConfigError
+
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "cdc-store.json"
 REQUIRED_TABLES = {"parts", "exs", "fronts", "commits", "snaps"}
+# Raise when a snapshot's pickled classes move or change shape: a store of another
+# format is moved aside at start, and every partition resumes from Delta's offsets.
+SNAPSHOT_FORMAT = 2
 
 
-class RecoveryStoreMismatch(RuntimeError):
+class RecoveryStoreMismatch(ConfigError):
     """The store belongs to another topic set or partition layout."""
 
 
@@ -67,16 +73,23 @@ def prepare(directory: str | Path, *, partitions: int, fingerprint: dict) -> str
     directory.mkdir(parents=True, exist_ok=True)
     meta = directory / FINGERPRINT
     has_files = any(directory.glob("part-*.sqlite3"))
+    problems: list[str] = []
     if has_files and meta.exists():
         recorded = orjson.loads(meta.read_bytes())
-        if recorded != fingerprint:
+        if recorded.get("format") != SNAPSHOT_FORMAT:
+            # Snapshots pickle our classes: another layout of them cannot be unpickled.
+            problems.append(
+                f"snapshot format {recorded.get('format')}, this version writes {SNAPSHOT_FORMAT}"
+            )
+        elif {**recorded, "format": None} != {**fingerprint, "format": None}:
             raise RecoveryStoreMismatch(
                 f"the recovery store at {directory} was written for {recorded}, but this pipeline reads "
                 f"{fingerprint}. Resuming from it would mix up offsets. If the topics or their partitions "
                 f"changed on purpose, delete {directory} (or point CDC_RECOVERY_DIR at a new folder): the "
                 f"pipeline then resumes every partition from the offsets committed in the Delta tables."
             )
-    if has_files and not (problems := _problems(directory)):
+    fingerprint = {**fingerprint, "format": SNAPSHOT_FORMAT}
+    if has_files and not problems and not (problems := _problems(directory)):
         meta.write_bytes(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS))  # fresh: "ready in this run"
         return "resumed"
     if has_files:

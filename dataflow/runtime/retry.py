@@ -1,24 +1,32 @@
-"""Retries with exponential backoff and jitter, and which errors deserve them.
+"""One retry policy for every call to storage or the broker, and the circuit breaker beside it.
 
-An exception that escapes a Bytewax sink stops the whole dataflow, so the
-sink decides here what to do: a retryable error (storage down, throttled,
-a commit conflict) is waited out; a permanent one (the data itself) is not.
+Only failures `classify` calls UNAVAILABLE are retried; bad data, our bugs and
+configuration errors go straight back to the caller, who knows what to do with
+them (`dataflow.runtime.failures`). Waits grow exponentially from `initial`,
+are capped at `cap`, and are spread by +/- `jitter`, so that workers that
+failed together do not retry together. tenacity runs the loop.
+
+A policy either gives up after `attempts` (start-up look-ups: refusing to start
+with a clear error beats hanging) or, with `attempts=None`, waits as long as
+the service is away (commits: Kafka keeps the data, and the input stalls
+meanwhile). The breaker beside a waiting policy keeps it from hammering a dead
+endpoint: while open, the next attempt waits for the breaker, not the backoff.
+The worst-case stall of each operation is in the README's outage section.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TypeVar
 
+import tenacity
 from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker, CircuitBreakerError
 
+from dataflow.runtime.failures import Kind, classify
 from dataflow.runtime.metrics import (
     BREAKER_FAILURES,
     BREAKER_OPENS,
@@ -32,196 +40,92 @@ from dataflow.runtime.metrics import (
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-# Storage refusing us as a whole (credentials, a missing bucket) is waited out
-# like an outage: dead-lettering every batch would flood the DLQ for a config error.
-ACCESS_STATUS = {401, 403}
-_STATUS = re.compile(r"\b(?:status(?: code)?|HTTP(?:/1\.1)?|response)[:= ]*\(?(\d{3})\b", re.IGNORECASE)
-_OUTAGE_WORDS = re.compile(
-    r"timed? ?out|timeout|connection|connect error|error sending request|broken pipe|reset by peer|"
-    r"temporar|unavailable|internal ?error|dns|no route|refused|NoSuchBucket|AccessDenied|InvalidAccessKeyId|"
-    r"SignatureDoesNotMatch",
-    re.IGNORECASE,
-)
-_TRANSIENT_WORDS = re.compile(
-    r"slow ?down|throttl|too many requests|commit ?failed|conflict|concurrent|version .* already exists",
-    re.IGNORECASE,
-)
 
-
-class ErrorClass(StrEnum):
-    """What to do about an error.
-
-    OUTAGE: storage (or the network to it) is unavailable; wait as long as it takes.
-    TRANSIENT: another attempt will likely work (throttling, a commit conflict); bounded retries.
-    PERMANENT: the data or the request is at fault; do not retry.
-    """
-
-    OUTAGE = "outage"
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
-
-
-class PermanentError(Exception):
-    """An error that another attempt cannot fix."""
-
-
-class RetriesExhausted(Exception):
-    """A retryable error outlasted the retry budget."""
-
-    def __init__(self, attempts: int, last: BaseException) -> None:
-        super().__init__(f"gave up after {attempts} attempts: {type(last).__name__}: {last}")
-        self.attempts = attempts
-        self.last = last
-
-
-def classify(exc: BaseException) -> ErrorClass:
-    """Connection errors, timeouts and HTTP 408/5xx are outages; 429, throttling and Delta commit
-    conflicts are transient; validation and type errors and other 4xx are permanent."""
-    name = type(exc).__name__
-    if isinstance(exc, PermanentError):
-        return ErrorClass.PERMANENT
-    if name == "CircuitBreakerError" or isinstance(exc, ConnectionError | TimeoutError):
-        return ErrorClass.OUTAGE
-    if name == "CommitFailedError":
-        return ErrorClass.TRANSIENT
-    text = f"{name}: {exc}"
-    if m := _STATUS.search(text):
-        status = int(m.group(1))
-        if status == 429:
-            return ErrorClass.TRANSIENT
-        if status in RETRYABLE_STATUS or status in ACCESS_STATUS:
-            return ErrorClass.OUTAGE
-        if 400 <= status < 500:
-            return ErrorClass.PERMANENT
-    if isinstance(exc, ValueError | TypeError | KeyError | ArithmeticError) or name in (
-        "ArrowInvalid",
-        "ArrowTypeError",
-        "SchemaMismatchError",
-        "DeltaProtocolError",
-    ):
-        return ErrorClass.PERMANENT
-    if _TRANSIENT_WORDS.search(text):
-        return ErrorClass.TRANSIENT
-    if _OUTAGE_WORDS.search(text) or isinstance(exc, OSError):
-        return ErrorClass.OUTAGE
-    return ErrorClass.TRANSIENT  # unknown: a few more tries, then MAX_RETRIES_EXCEEDED
-
-
-def is_retryable(exc: BaseException) -> bool:
-    return classify(exc) is not ErrorClass.PERMANENT
+def _unavailable(exc: BaseException) -> bool:
+    return classify(exc) is Kind.UNAVAILABLE
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """delay = initial x base^attempt, capped, then spread by +/- jitter."""
+class RetryPolicy:
+    """delay(n) = min(cap, initial x 2^n), spread by +/- jitter; `attempts=None` retries for ever."""
 
     initial: float = 0.5
-    base: float = 2.0
     cap: float = 30.0
     jitter: float = 0.2
+    attempts: int | None = None
 
     def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        raw = min(self.cap, self.initial * self.base**attempt)
+        """The wait after the `attempt`-th failure (0-based)."""
+        raw = min(self.cap, self.initial * 2.0 ** min(attempt, 64))
         return raw * (1 - self.jitter + 2 * self.jitter * rng())
 
+    @property
+    def longest_wait(self) -> float:
+        """The longest single wait between two attempts."""
+        return self.cap * (1 + self.jitter)
 
-@dataclass
-class _Attempts:
-    """The bookkeeping shared by the sync and async retry loops."""
+    @property
+    def worst_case_wait(self) -> float | None:
+        """All waits before giving up, at their longest; None when the policy never gives up."""
+        if self.attempts is None:
+            return None
+        return sum(self.delay(i, rng=lambda: 1.0) for i in range(self.attempts - 1))
 
-    backoff: Backoff
-    max_attempts: int | None
-    budget_s: float | None
-    wait_out_outages: bool
-    classifier: Callable[[BaseException], ErrorClass]
-    clock: Callable[[], float]
-    operation: str
-    attempt: int = 0
-    first_failure: float | None = None
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        operation: str,
+        breaker: StorageBreaker | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> T:
+        """`fn()` until it returns, raises something other than UNAVAILABLE, or attempts run out.
 
-    def next_delay(self, exc: BaseException) -> float:
-        """Seconds to wait before the next attempt; raises if there is to be none."""
-        kind = self.classifier(exc)
-        if kind is ErrorClass.PERMANENT:
-            raise exc
-        now = self.clock()
-        if self.first_failure is None:
-            self.first_failure = now
-        self.attempt += 1
-        wait = self.backoff.delay(self.attempt - 1)
-        unlimited = kind is ErrorClass.OUTAGE and self.wait_out_outages
-        out_of_attempts = self.max_attempts is not None and self.attempt >= self.max_attempts
-        out_of_time = self.budget_s is not None and now - self.first_failure + wait > self.budget_s
-        if not unlimited and (out_of_attempts or out_of_time):
-            RETRY_EXHAUSTED.labels(self.operation).inc()
-            RETRY_DURATION.labels(self.operation).observe(now - self.first_failure)
-            raise RetriesExhausted(self.attempt, exc) from exc
-        RETRY_ATTEMPTS.labels(self.operation).inc()
-        log.warning(
-            "%s failed (%s, attempt %d), retrying in %.1fs: %s", self.operation, kind, self.attempt, wait, exc
+        Running out re-raises the last failure, still UNAVAILABLE: the caller
+        decides (at start-up, refusing to start).
+        """
+        first_failure: list[float] = []
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            if breaker is not None and breaker.state == STATE_OPEN:
+                return max(0.05, breaker.open_remaining)  # no attempt can pass before that
+            return self.delay(state.attempt_number - 1)
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            if not first_failure:
+                first_failure.append(time.monotonic())
+            RETRY_ATTEMPTS.labels(operation).inc()
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s unavailable (attempt %d), retrying in %.1fs: %s: %s",
+                operation,
+                state.attempt_number,
+                state.upcoming_sleep,
+                type(exc).__name__,
+                exc,
+            )
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_unavailable),
+            stop=tenacity.stop_never if self.attempts is None else tenacity.stop_after_attempt(self.attempts),
+            wait=wait,
+            sleep=sleep,
+            before_sleep=before_sleep,
+            reraise=True,
         )
-        return wait
-
-    def succeeded(self) -> None:
-        if self.first_failure is not None:
-            RETRY_SUCCESS.labels(self.operation).inc()
-            RETRY_DURATION.labels(self.operation).observe(self.clock() - self.first_failure)
-
-
-def retry(
-    fn: Callable[[], T],
-    *,
-    backoff: Backoff | None = None,
-    max_attempts: int | None = 8,
-    budget_s: float | None = None,
-    wait_out_outages: bool = False,
-    classifier: Callable[[BaseException], ErrorClass] = classify,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-    operation: str = "operation",
-) -> T:
-    """Call `fn` until it succeeds, a permanent error occurs, or attempts/budget run out.
-
-    With `wait_out_outages`, an outage is retried for as long as it lasts, which
-    is what a sink wants while storage is down: the input stalls, Kafka keeps the data.
-    """
-    state = _Attempts(
-        backoff or Backoff(), max_attempts, budget_s, wait_out_outages, classifier, clock, operation
-    )
-    while True:
+        attempt = fn if breaker is None else (lambda: breaker.call(fn))
         try:
-            result = fn()
-        except Exception as exc:
-            sleep(state.next_delay(exc))
-            continue
-        state.succeeded()
+            result = retrying(attempt)
+        except BaseException as exc:
+            if first_failure and _unavailable(exc):
+                RETRY_EXHAUSTED.labels(operation).inc()
+                RETRY_DURATION.labels(operation).observe(time.monotonic() - first_failure[0])
+            raise
+        if first_failure:
+            RETRY_SUCCESS.labels(operation).inc()
+            RETRY_DURATION.labels(operation).observe(time.monotonic() - first_failure[0])
         return result
 
-
-async def retry_async(
-    fn: Callable[[], Awaitable[T]],
-    *,
-    backoff: Backoff | None = None,
-    max_attempts: int | None = 8,
-    budget_s: float | None = None,
-    wait_out_outages: bool = False,
-    classifier: Callable[[BaseException], ErrorClass] = classify,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    clock: Callable[[], float] = time.monotonic,
-    operation: str = "operation",
-) -> T:
-    """`retry` for coroutines: the same policy, awaiting instead of blocking."""
-    state = _Attempts(
-        backoff or Backoff(), max_attempts, budget_s, wait_out_outages, classifier, clock, operation
-    )
-    while True:
-        try:
-            result = await fn()
-        except Exception as exc:
-            await sleep(state.next_delay(exc))
-            continue
-        state.succeeded()
         return result
 
 
@@ -247,7 +151,7 @@ class StorageBreaker(CircuitBreaker):
         super().__init__(
             failure_threshold=failure_threshold,
             recovery_timeout=recovery_timeout,
-            expected_exception=lambda _type, exc: classify(exc) is ErrorClass.OUTAGE,
+            expected_exception=lambda _type, exc: _unavailable(exc),
             name=name,
         )
         self.probe = probe

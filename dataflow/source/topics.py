@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from dataflow.runtime.failures import ConfigError
+
 
 def create_topics(brokers: str, names: Iterable[str], partitions: int = 4, **config: str) -> None:
     """Create topics (idempotent) and wait until the broker has them."""
@@ -33,7 +35,7 @@ def partitions_of(brokers: str, topics: Iterable[str], timeout: float = 30, **co
     out = {}
     for t in topics:
         if t not in md.topics or md.topics[t].error is not None:
-            raise RuntimeError(f"topic {t!r} does not exist on {brokers}")
+            raise ConfigError(f"topic {t!r} does not exist on {brokers}")
         out[t] = len(md.topics[t].partitions)
     return out
 
