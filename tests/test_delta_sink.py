@@ -15,6 +15,7 @@ from deltalake.exceptions import CommitFailedError
 
 from dataflow.lake.writer import DeltaTableWriter
 from dataflow.model import BsonTimestamp, ChangeEvent
+from dataflow.runtime.failures import ConfigError
 
 TOPIC = "cdc.shop.orders"
 BASE_MS = 1_700_000_000_000
@@ -550,7 +551,7 @@ def test_checkpoint_interval_set_at_creation(writer, lake_uri, storage_options):
 def test_mode_is_recorded_and_enforced(writer, lake_uri, storage_options):
     writer("append").write([ev("a", offset=0)])
     assert table(lake_uri, storage_options).metadata().configuration["cdc.mode"] == "append"
-    with pytest.raises(ValueError, match="append-mode"):
+    with pytest.raises(ConfigError, match="append-mode"):
         writer("merge").write([ev("b", offset=1)])
 
 

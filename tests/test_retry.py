@@ -13,8 +13,10 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, SchemaMismatchError
+from minio.error import S3Error
 
 from dataflow.lake.columns import to_json_bytes
+from dataflow.lake.storage import s3_client
 from dataflow.lake.writer import DeltaTableWriter
 from dataflow.model import Reason
 from dataflow.runtime.failures import BadData, ConfigError, Kind, Unavailable, classify
@@ -108,6 +110,20 @@ def test_classes_of_real_failures(tmp_path) -> None:
     # Anything nobody planned for.
     assert classify(raised(lambda: None.missing)) is Kind.BUG  # type: ignore[attr-defined]
     assert classify(ValueError("x")) is Kind.BUG and classify(KeyError("x")) is Kind.BUG
+
+
+@pytest.mark.integration
+def test_classes_of_real_s3_answers(s3) -> None:
+    """minio-py (table listing at start, the bucket probe): S3's error codes decide."""
+    client = s3_client(s3.storage_options)
+    missing = raised(lambda: list(client.list_objects("no-such-bucket-here")))
+    assert isinstance(missing, S3Error) and missing.code == "NoSuchBucket"
+    assert classify(missing) is Kind.CONFIG
+    wrong_key = s3_client({**s3.storage_options, "AWS_SECRET_ACCESS_KEY": "not-the-key"})
+    denied = raised(lambda: list(wrong_key.list_objects(s3.bucket("denied"))))
+    assert isinstance(denied, S3Error) and classify(denied) is Kind.CONFIG
+    nobody = s3_client({**s3.storage_options, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}"})
+    assert classify(raised(lambda: nobody.bucket_exists("lake"))) is Kind.UNAVAILABLE
 
 
 @pytest.mark.parametrize(

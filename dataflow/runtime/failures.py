@@ -11,7 +11,8 @@
 |               | throttles, or a commit lost a race           |                                                  |
 
 `classify` decides on the exception's type: ours first, then the types
-deltalake, object_store (through delta-rs) and confluent-kafka raise. Only
+deltalake, object_store (through delta-rs), minio-py (with S3's error codes)
+and confluent-kafka raise. Only
 our own `BadData` is bad data: the table writer raises it where converting a
 value fails (an integer past int64, say), which is the one place the data
 itself can be at fault once it has decoded. Message text is read only for delta-rs' catch-all `DeltaError`, which
@@ -34,6 +35,8 @@ from deltalake.exceptions import (
     SchemaMismatchError,
     TableNotFoundError,
 )
+from minio.error import InvalidResponseError, S3Error, ServerError
+from urllib3.exceptions import HTTPError as TransportError
 
 from dataflow.model import Reason
 
@@ -68,6 +71,16 @@ _STORE_TEXT = re.compile(
     r"reset by peer|service unavailable|slow ?down|\b50[234]\b|Generic S3 error",
     re.IGNORECASE,
 )
+# minio-py (table listing at start, the bucket probe, the CLI) names S3's error codes.
+_S3_CONFIG = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "InvalidBucketName",
+    "NoSuchBucket",
+    "SignatureDoesNotMatch",
+}
+_S3_UNAVAILABLE = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "OperationAborted"}
 _KAFKA_UNAVAILABLE = {
     KafkaError._TRANSPORT,
     KafkaError._ALL_BROKERS_DOWN,
@@ -104,6 +117,16 @@ def classify(exc: BaseException) -> Kind:
         return Kind.UNAVAILABLE
     if isinstance(exc, KafkaException):
         return _kafka_kind(exc)
+    if isinstance(exc, S3Error):
+        return (
+            Kind.CONFIG
+            if exc.code in _S3_CONFIG
+            else Kind.UNAVAILABLE
+            if exc.code in _S3_UNAVAILABLE
+            else Kind.BUG
+        )
+    if isinstance(exc, ServerError | InvalidResponseError | TransportError):  # 5xx, a proxy's page, no answer
+        return Kind.UNAVAILABLE
     if isinstance(exc, FileNotFoundError | TableNotFoundError | DeltaProtocolError | SchemaMismatchError):
         # A table we created, or its log, missing: waiting will not bring it back. A schema
         # mismatch: the writer plans every column before it writes, so the plan was wrong.
