@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         results["chart"] = str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png)
     (args.results / f"{stamp}.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     md = report.markdown(results)
-    args.markdown.write_text(md)
+    args.markdown.write_text(md + report.kept_section(args.markdown))
     print(md)
     print(f"results: {args.results / f'{stamp}.json'}, {args.markdown}")
     return 0 if all(v["ok"] for v in results["variants"]) else 1

@@ -72,6 +72,19 @@ def pipeline_rows(config: dict[str, Any]) -> str:
     return f"CDC_BATCH_MAX_ROWS={rows}"
 
 
+KEPT = "## Measured decisions"
+
+
+def kept_section(path: Path) -> str:
+    """The hand-kept part of RESULTS.md (from `KEPT` on): the figures behind the code's defaults.
+
+    A run rewrites the tables above it and keeps this part as it is.
+    """
+    text = path.read_text() if path.exists() else ""
+    at = text.find(KEPT)
+    return "" if at < 0 else "\n" + text[at:].rstrip() + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, c, d = results["machine"], results["config"], results["data"]
     lines = [

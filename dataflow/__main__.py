@@ -19,11 +19,12 @@ def main(argv: list[str]) -> None:
     try:
         settings = Settings.from_env()
     except SettingsError as e:
-        sys.exit(str(e))
+        sys.exit(f"cdc: {e}")
     args = ["bytewax.run", "dataflow.main:flow"]
-    if settings.recovery_dir is not None:
-        snapshot, backup = max(1, round(settings.snapshot_seconds)), round(settings.backup_seconds)
-        args += ["-r", settings.recovery_dir, "-s", str(snapshot), "-b", str(backup)]
+    store = settings.recovery
+    if store.dir is not None:
+        snapshot, backup = max(1, round(store.snapshot_seconds)), round(store.backup_seconds)
+        args += ["-r", store.dir, "-s", str(snapshot), "-b", str(backup)]
     sys.argv = args + argv
     runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)
 

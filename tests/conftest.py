@@ -120,3 +120,17 @@ def own_s3(tmp_path: Path) -> Iterator[S3Service]:
         yield S3Service(server.env(), server)
     finally:
         server.stop()
+
+
+SERVICES = {"kafka", "s3", "own_kafka", "own_s3"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts or uses Kafka or MinIO must say so, so `-m "not integration"` stays hermetic."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if SERVICES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("integration")
+    ]
+    if unmarked:
+        raise pytest.UsageError("mark these integration (they use a real service): " + ", ".join(unmarked))

@@ -11,7 +11,8 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from dataflow.model import SourceMessage
 from dataflow.runtime import shutdown
-from dataflow.source.kafka import ResumingKafkaSource
+from dataflow.runtime.failures import ConfigError
+from dataflow.source.kafka import ResumingKafkaSource, refuse_to_read
 
 pytestmark = pytest.mark.integration
 
@@ -194,3 +195,21 @@ def test_consumer_errors_are_handed_out_without_moving_the_offset(kafka) -> None
         assert part.snapshot() == 1000
     finally:
         part.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "stops"),
+    [
+        (ConfluentKafkaError(ConfluentKafkaError._TRANSPORT), False),
+        (ConfluentKafkaError(ConfluentKafkaError._ALL_BROKERS_DOWN), False),
+        (ConfluentKafkaError(ConfluentKafkaError.SASL_AUTHENTICATION_FAILED), True),
+        (ConfluentKafkaError(ConfluentKafkaError.TOPIC_AUTHORIZATION_FAILED), True),
+        (ConfluentKafkaError(ConfluentKafkaError._FENCED, fatal=True), True),
+    ],
+)
+def test_errors_no_waiting_cures_stop_the_flow(error: ConfluentKafkaError, stops: bool) -> None:
+    if stops:
+        with pytest.raises(ConfigError, match="Kafka refuses to serve t partition 3"):
+            refuse_to_read("t", 3, error)
+    else:
+        refuse_to_read("t", 3, error)  # handed out and logged; librdkafka reconnects

@@ -9,11 +9,11 @@ from dataflow.runtime.settings import Settings, SettingsError
 
 def test_defaults_run_the_embedded_sample() -> None:
     s = Settings.from_env({})
-    assert s.embedded and s.stop_at_end
+    assert s.brokers is None and s.stop_at_end
     assert s.table_mode == "merge" and s.batch_max_rows == 25_000
     assert Settings.from_env({"CDC_TABLE_MODE": "append"}).batch_max_rows == 10_000
     assert Settings.from_env({"CDC_TABLE_MODE": "merge", "CDC_BATCH_MAX_ROWS": "500"}).batch_max_rows == 500
-    assert s.table_uri("shop", "orders", "merge").endswith("/data/lake/shop/orders")
+    assert s.lake.tables.uri("shop", "orders", "merge").endswith("/data/lake/shop/orders")
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -57,11 +57,11 @@ def test_secrets_stay_out_of_repr() -> None:
 
 def test_table_paths_are_safe_and_both_mode_separates_the_changelog() -> None:
     s = Settings.from_env({"CDC_LAKE_URI": "/lake", "CDC_TABLE_MODE": "both"})
-    assert s.table_uri("shop", "orders", "merge") == "/lake/shop/orders"
-    assert s.table_uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
-    assert s.table_uri("shop", "a/b", "merge") == "/lake/shop/a%2Fb"
-    assert s.table_uri("shop", "..", "merge") == "/lake/shop/%2E%2E"
-    assert s.table_uri("shop", "a.b", "merge") == "/lake/shop/a.b"
+    assert s.lake.tables.uri("shop", "orders", "merge") == "/lake/shop/orders"
+    assert s.lake.tables.uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
+    assert s.lake.tables.uri("shop", "a/b", "merge") == "/lake/shop/a%2Fb"
+    assert s.lake.tables.uri("shop", "..", "merge") == "/lake/shop/%2E%2E"
+    assert s.lake.tables.uri("shop", "a.b", "merge") == "/lake/shop/a.b"
 
 
 def test_kafka_client_settings_pass_through() -> None:
@@ -166,7 +166,7 @@ def test_lake_uri_forms_accepted(tmp_path) -> None:
     s = Settings.from_env({"CDC_LAKE_URI": "s3://my-lake.1/cdc/tables", **creds})
     assert s.lake_uri == "s3://my-lake.1/cdc/tables"
     assert s.storage_options["AWS_ACCESS_KEY_ID"] == "key-id"
-    assert s.table_uri("shop", "orders", "merge") == "s3://my-lake.1/cdc/tables/shop/orders"
+    assert s.lake.tables.uri("shop", "orders", "merge") == "s3://my-lake.1/cdc/tables/shop/orders"
     assert Settings.from_env({"CDC_LAKE_URI": "s3a://lake", **creds}).lake_uri == "s3a://lake"
     assert Settings.from_env({"CDC_LAKE_URI": f"file://{tmp_path}/lake"}).lake_uri == f"{tmp_path}/lake"
     assert Settings.from_env({"CDC_LAKE_URI": str(tmp_path)}).storage_options == {}
@@ -288,11 +288,14 @@ def test_each_component_gets_its_share() -> None:
     assert s.kafka.topics == ("a", "b") and s.kafka.start_from == "beginning" and not s.kafka.stop_at_end
     assert s.kafka.client_config == {"sasl.password": "hunter2-value"}
     assert "hunter2-value" not in repr(s.kafka)
-    assert s.lake.table_mode == "both" and s.lake.pipeline_name == "cdc"
-    assert s.lake.table_uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
+    assert s.lake.tables.modes == ("merge", "append") and s.lake.pipeline_name == "cdc"
+    assert s.lake.tables.uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
     assert (s.batch.max_rows, s.batch.max_open_rows) == (25_000, 1000)
     assert (s.retry.max_attempts, s.retry.initial_seconds, s.retry.max_seconds) == (3, 0.5, 30.0)
-    assert (s.dlq.topic, s.dlq.rate_per_minute) == ("dlq", 10_000)
+    assert s.retry.at_start().attempts == 3 and s.retry.for_commits().attempts is None
+    assert (s.dlq.topic, s.dlq.rate_per_minute, s.dlq.brokers) == ("dlq", 10_000, "k:9092")
+    assert s.dlq.producer_config == {"sasl.password": "hunter2-value"}
+    assert "hunter2-value" not in repr(s.dlq)
     assert (s.recovery.dir, s.recovery.partitions) == ("./data/recovery", 4)
     assert (s.logging.level, s.logging.format) == ("INFO", "text")
     with pytest.raises(Exception):  # noqa: B017 - frozen: pydantic's or dataclasses' own error

@@ -1,9 +1,8 @@
 """Closed batches that are not yet durable in Delta, per table.
 
 The sink can commit on a thread of its own, so that the worker goes on reading
-and parsing while delta-rs writes (it releases the GIL). In the 1M-event append
-benchmark, commits in step took 42% of the worker's time while 41% of the
-machine's CPU time went unused. A batch the batcher has closed is then, until
+and parsing while delta-rs writes (it releases the GIL; bench/RESULTS.md,
+"Background commits only for append"). A batch the batcher has closed is then, until
 its commit lands, neither in the open batch of the recovery snapshot nor in
 Delta: a crash in between would lose it. So the batcher registers every batch
 here as it closes it, its snapshot carries the batches still registered, and

@@ -102,7 +102,7 @@ class DLQConfig:
     # After the topic fails, send straight to the file for this long instead of
     # stalling every batch for a full delivery timeout while the broker is down.
     outage_backoff_s: float = 30.0
-    producer_config: dict[str, str] = field(default_factory=dict)  # CDC_KAFKA_* (TLS, SASL)
+    producer_config: dict[str, str] = field(default_factory=dict, repr=False)  # CDC_KAFKA_* (TLS, SASL)
 
 
 class DLQWriter:

@@ -290,8 +290,8 @@ def field_columns(
 ) -> tuple[dict[str, list[Any]], dict[str, frozenset[str]]]:
     """`field_values` and `field_kinds` of the rows, in one pass in C when it is built.
 
-    Every value is touched once instead of twice: in a batch of ten thousand
-    documents that is most of the cost (cache misses), about 5 us per row in Python.
+    Every value is touched once instead of twice, and touching them is most of the
+    cost (cache misses; bench/RESULTS.md, "Field columns in one pass").
     """
     native = speedups.native
     if native is not None and type(rows) is list:

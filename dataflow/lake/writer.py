@@ -53,10 +53,9 @@ _NO_FIELDS: dict[str, Any] = {}
 _MODE_KEY = "cdc.mode"  # table property recording the writer mode
 _SCHEMA_ATTEMPTS = 3  # schema commits per batch before giving the batch back to the retry layer
 # A MERGE rewrites every file it touches, and random updates touch them all. Parquet's
-# default row group (1M rows) makes each file one row group; 16k rows (~30 MB of 1 KiB
-# documents) made MERGEs into a 130k-row table about 1.2x as fast, and a little leaner
-# (`python -m bench.row_groups`). Any WriterProperties turns delta-rs' default
-# compression off, hence SNAPPY, its default, named.
+# default row group (1M rows) makes each file one row group; smaller ones made MERGEs
+# faster (bench/RESULTS.md, "Parquet row groups"). Any WriterProperties turns delta-rs'
+# default compression off, hence SNAPPY, its default, named.
 WRITER_PROPERTIES = WriterProperties(max_row_group_size=16_384, compression="SNAPPY")
 
 

@@ -4,9 +4,8 @@ delta-rs is built with jemalloc (under the `_rjem_` prefix), whose background
 thread returns freed pages to the system only after they have been unused for
 `dirty_decay_ms`, 10 s by default. A MERGE frees hundreds of MB at a time, so
 those pages stayed in the process's RSS, which a container's memory limit
-counts. At 1 s, the 1M-event benchmark's merge-mode peak RSS (25,000-row
-batches) went from 1,051-1,103 to 931-992 MiB, for about 5 s more system time per
-million merged events (returning pages and faulting them in again).
+counts. At 1 s they go back soon after, for a little more system time
+(bench/RESULTS.md, "jemalloc decay").
 """
 
 from __future__ import annotations

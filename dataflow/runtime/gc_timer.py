@@ -1,8 +1,8 @@
 """Python's cycle collector on a timer, not on allocation counts.
 
 Open batches keep tens of thousands of decoded documents alive, and the
-collector, triggered by allocations, walks them again and again: 7% of the
-pipeline's CPU in the benchmark even with raised thresholds. Everything here is
+collector, triggered by allocations, walks them again and again
+(bench/RESULTS.md, "Cycle collector on a timer"). Everything here is
 freed by reference counting the moment a batch is committed; only reference
 cycles (exception tracebacks, mostly) need the collector, and they can wait.
 So automatic collection is off, and the parse step, which does the allocating,

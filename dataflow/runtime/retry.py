@@ -126,8 +126,6 @@ class RetryPolicy:
             RETRY_DURATION.labels(operation).observe(time.monotonic() - first_failure[0])
         return result
 
-        return result
-
 
 class StorageBreaker(CircuitBreaker):
     """The `circuitbreaker` package's breaker around storage calls, with three additions:

@@ -28,12 +28,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticUseDefault
 
+from dataflow.batch.tables import BatchLimits
+from dataflow.dlq.writer import DLQConfig
 from dataflow.lake.layout import TableLocations, TableMode
 from dataflow.runtime.failures import ConfigError
+from dataflow.runtime.retry import RetryPolicy
 
 # Rows per batch unless CDC_BATCH_MAX_ROWS says otherwise. A MERGE rewrites every file its
-# updates touch, so merge mode pays per batch far more than append and gains from larger
-# ones (1M benchmark events: 25,000 rows merged 1.4x to 1.6x as fast as 10,000).
+# updates touch, so merge mode gains from larger batches (bench/RESULTS.md, "Merge batch size").
 DEFAULT_BATCH_ROWS = {"append": 10_000, "merge": 25_000, "both": 25_000}
 
 StartFrom = Literal["delta", "beginning"]
@@ -133,21 +135,9 @@ class KafkaSettings:
 
 @dataclass(frozen=True)
 class LakeSettings:
-    lake_uri: str
-    table_mode: TableMode
+    tables: TableLocations
     storage_options: dict[str, str] = field(repr=False)
     pipeline_name: str = "cdc"
-
-    def table_uri(self, db: str, collection: str, mode: str) -> str:
-        return TableLocations(self.lake_uri, self.table_mode).uri(db, collection, mode)
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_rows: int
-    max_bytes: int
-    max_seconds: float
-    max_open_rows: int | None
 
 
 @dataclass(frozen=True)
@@ -158,13 +148,13 @@ class RetrySettings:
     breaker_failures: int
     breaker_reset_seconds: float
 
+    def for_commits(self) -> RetryPolicy:
+        """Commits wait out an outage however long it lasts: Kafka keeps the data meanwhile."""
+        return RetryPolicy(initial=self.initial_seconds, cap=self.max_seconds)
 
-@dataclass(frozen=True)
-class DlqSettings:
-    topic: str
-    fallback: str
-    rate_per_minute: int
-    max_document_bytes: int
+    def at_start(self) -> RetryPolicy:
+        """Look-ups at start give up after CDC_RETRY_MAX_ATTEMPTS: a clear refusal beats a silent hang."""
+        return RetryPolicy(initial=self.initial_seconds, cap=self.max_seconds, attempts=self.max_attempts)
 
 
 @dataclass(frozen=True)
@@ -245,9 +235,9 @@ class Settings(BaseModel):
     breaker_reset_seconds: Annotated[float, Field(ge=0.1, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_BREAKER_RESET_SECONDS", default=60.0
     )
-    # None: on for append tables only. Append commits overlap reading for a little memory; a
-    # MERGE's working memory is large, and overlapping it took far more memory (1M bench
-    # events: 1,373 MiB against 918) for little speed (+4%), so merge tables commit in step.
+    # None: on for append tables only. A MERGE's working memory is large, and overlapping it
+    # cost far more memory than it gained speed (bench/RESULTS.md, "Background commits only
+    # for append"), so merge tables commit in step.
     background_commits: Annotated[bool | None, BeforeValidator(_flag), DEFAULT] = _var(
         "CDC_BACKGROUND_COMMITS", default=None, validate_default=True
     )
@@ -369,18 +359,6 @@ class Settings(BaseModel):
     # What each component needs ----------------------------------------------------------
 
     @property
-    def embedded(self) -> bool:
-        """No broker configured: read the bundled sample instead (the demo)."""
-        return self.brokers is None
-
-    @property
-    def table_modes(self) -> tuple[str, ...]:
-        return ("merge", "append") if self.table_mode == "both" else (self.table_mode,)
-
-    def table_uri(self, db: str, collection: str, mode: str) -> str:
-        return TableLocations(self.lake_uri, self.table_mode).uri(db, collection, mode)
-
-    @property
     def kafka(self) -> KafkaSettings:
         return KafkaSettings(
             brokers=self.brokers,
@@ -394,15 +372,14 @@ class Settings(BaseModel):
     @property
     def lake(self) -> LakeSettings:
         return LakeSettings(
-            lake_uri=self.lake_uri,
-            table_mode=self.table_mode,
+            tables=TableLocations(self.lake_uri, self.table_mode),
             storage_options=dict(self.storage_options),
             pipeline_name=self.pipeline_name,
         )
 
     @property
-    def batch(self) -> BatchSettings:
-        return BatchSettings(
+    def batch(self) -> BatchLimits:
+        return BatchLimits(
             max_rows=self.batch_max_rows,  # type: ignore[arg-type]  # always filled in
             max_bytes=self.batch_max_bytes,
             max_seconds=self.batch_max_seconds,
@@ -420,12 +397,13 @@ class Settings(BaseModel):
         )
 
     @property
-    def dlq(self) -> DlqSettings:
-        return DlqSettings(
+    def dlq(self) -> DLQConfig:
+        return DLQConfig(
+            brokers=self.brokers,
             topic=self.dlq_topic,
-            fallback=self.dlq_fallback,
+            fallback_path=self.dlq_fallback,
             rate_per_minute=self.dlq_rate_per_minute,
-            max_document_bytes=self.max_document_bytes,
+            producer_config=dict(self.kafka_config),
         )
 
     @property
@@ -514,15 +492,6 @@ def kafka_property(variable: str) -> str:
 def kafka_variable(prop: str) -> str:
     """The variable that sets librdkafka property `prop` (the inverse of kafka_property)."""
     return "CDC_KAFKA_" + prop.replace(".", "_").upper()
-
-
-def kafka_client_config(env: Mapping[str, str]) -> dict[str, str]:
-    """Extra librdkafka settings: `CDC_KAFKA_<NAME>` becomes `name` (dots for underscores).
-
-    For SASL/TLS, e.g. `CDC_KAFKA_SECURITY_PROTOCOL`, `CDC_KAFKA_SASL_USERNAME`.
-    """
-    skip = {"CDC_KAFKA_BROKERS"}
-    return {kafka_property(k): v for k, v in env.items() if k.startswith("CDC_KAFKA_") and k not in skip}
 
 
 def librdkafka_refusal(props: Mapping[str, str]) -> str | None:

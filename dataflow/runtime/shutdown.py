@@ -1,6 +1,6 @@
 """Graceful shutdown: on SIGTERM or SIGINT, stop reading and let the dataflow drain.
 
-The sources check `requested()` and end their partitions, so Bytewax sees the
+The sources' partitions, wrapped in `Stoppable`, end when it is requested, so Bytewax sees the
 end of input: open batches are flushed and committed, the DLQ is flushed, and
 the process exits 0. A watchdog ends the process if draining takes longer than
 the grace period; that is a crash as far as recovery is concerned, which is safe.
@@ -17,10 +17,6 @@ from bytewax.inputs import StatefulSourcePartition
 
 log = logging.getLogger(__name__)
 _requested = threading.Event()
-
-
-def requested() -> bool:
-    return _requested.is_set()
 
 
 def request(reason: str = "requested") -> None:

@@ -16,7 +16,7 @@ from dataflow import speedups
 from dataflow.runtime import gc_timer, logs, recovery, shutdown
 from dataflow.runtime.failures import ConfigError, Kind, classify
 from dataflow.runtime.retry import RetryPolicy
-from dataflow.runtime.settings import Settings
+from dataflow.runtime.settings import KafkaSettings, Settings
 from dataflow.source.sample import SampleFileSource
 from dataflow.source.topics import match_topics, partitions_of
 
@@ -29,7 +29,7 @@ def start() -> tuple[Settings, dict[str, int]]:
         settings = Settings.from_env()
     except ConfigError as e:
         sys.exit(f"cdc: {e}")
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.logging.level, settings.logging.format)
     shutdown.install(settings.shutdown_grace_seconds)
     try:
         partitions = topic_partitions(settings)
@@ -46,37 +46,29 @@ def start() -> tuple[Settings, dict[str, int]]:
     return settings, partitions
 
 
-def startup_retry(settings: Settings) -> RetryPolicy:
-    """Look-ups at start give up after CDC_RETRY_MAX_ATTEMPTS: a clear refusal beats a silent hang."""
-    return RetryPolicy(
-        initial=settings.retry_initial_seconds,
-        cap=settings.retry_max_seconds,
-        attempts=settings.retry_max_attempts,
-    )
-
-
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """The topics this pipeline reads, with their partition counts."""
-    if settings.embedded:
+    kafka = settings.kafka
+    if kafka.brokers is None:
         return dict.fromkeys(SampleFileSource(settings.sample_path).list_parts(), 1)
-    brokers = settings.brokers
-    assert brokers is not None
-    policy = startup_retry(settings)
-    topics = list(settings.topics)
+    return kafka_partitions(kafka, settings.retry.at_start())
+
+
+def kafka_partitions(kafka: KafkaSettings, policy: RetryPolicy) -> dict[str, int]:
+    brokers = kafka.brokers or ""
+    pattern = kafka.topic_pattern
+    topics = list(kafka.topics)
     try:
-        if settings.topic_pattern:
+        if pattern:
             topics = policy.call(
-                lambda: match_topics(brokers, settings.topic_pattern or "", **settings.kafka_config),
-                operation="list_topics",
+                lambda: match_topics(brokers, pattern, **kafka.client_config), operation="list_topics"
             )
             if not topics:
-                raise ConfigError(
-                    f"no topic on {brokers} matches CDC_TOPIC_PATTERN={settings.topic_pattern!r}"
-                )
+                raise ConfigError(f"no topic on {brokers} matches CDC_TOPIC_PATTERN={pattern!r}")
         return policy.call(
-            lambda: partitions_of(brokers, topics, **settings.kafka_config), operation="list_partitions"
+            lambda: partitions_of(brokers, topics, **kafka.client_config), operation="list_partitions"
         )
-    except (ConfigError, KeyboardInterrupt):
+    except ConfigError:
         raise
     except Exception as e:
         if classify(e) is Kind.BUG:
@@ -106,6 +98,6 @@ def prepare_recovery(settings: Settings, partitions: dict[str, int]) -> None:
     fingerprint = {"pipeline": settings.pipeline_name, "topics": partitions}
     process_id = _bytewax_option("-i", "--process-id", "BYTEWAX_PROCESS_ID")
     if int(process_id or 0) == 0:
-        recovery.prepare(directory, partitions=settings.recovery_partitions, fingerprint=fingerprint)
+        recovery.prepare(directory, partitions=settings.recovery.partitions, fingerprint=fingerprint)
     else:
         recovery.wait_ready(directory, timeout=120)

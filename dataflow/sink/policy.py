@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from dataflow.batch.tables import Batch
 from dataflow.dlq.writer import DLQWriter
-from dataflow.lake.layout import TableLocations
 from dataflow.lake.writer import DeltaTableWriter, WriteResult
 from dataflow.model import ChangeEvent, DeadLetter, Reason
 from dataflow.runtime.failures import BadData, Kind, classify
@@ -34,6 +33,7 @@ from dataflow.runtime.metrics import (
     EVENTS_OUT,
 )
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
+from dataflow.runtime.settings import LakeSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +53,17 @@ class CommitPolicy:
 
     def __init__(
         self,
-        tables: TableLocations,
+        lake: LakeSettings,
         dlq: DLQWriter,
         *,
-        pipeline: str,
-        storage_options: dict[str, str] | None,
         retry: RetryPolicy,
         breaker: StorageBreaker,
         end_offsets: Callable[[], dict[tuple[str, int], int]] | None = None,
     ) -> None:
-        self.tables = tables
+        self.tables = lake.tables
         self.dlq = dlq
-        self.pipeline = pipeline
-        self.storage_options = storage_options or None
+        self.pipeline = lake.pipeline_name
+        self.storage_options = lake.storage_options or None
         self.retry = retry
         self.breaker = breaker
         self.writers: dict[tuple[str, str], DeltaTableWriter] = {}

@@ -16,8 +16,8 @@ at or below it. Offsets are not contiguous, so we seek to the committed offset
 itself, never to "offset + 1".
 
 Partitions hand out `SourceMessage` tuples instead of Bytewax's
-`KafkaSourceMessage` dataclass: a frozen dataclass costs about 2 us per
-message to build, as much as a seventh of the whole parse.
+`KafkaSourceMessage` dataclass, which is far dearer to build per message
+(bench/RESULTS.md, "Source messages as tuples").
 """
 
 from __future__ import annotations
@@ -28,18 +28,39 @@ from collections.abc import Callable, Iterable
 
 from bytewax.connectors.kafka import BYTEWAX_CONSUMER_LAG_GAUGE, KafkaError, KafkaSourceMessage
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from dataflow.model import SourceMessage
 from dataflow.runtime import shutdown
+from dataflow.runtime.failures import ConfigError, Kind, classify
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 0.001
 """Seconds one `consume` call waits for messages (Bytewax's): Bytewax polls again at once."""
+POLL_BATCH = 2_000
+"""Messages per partition per poll: few enough decoded events in flight, enough per call."""
+# librdkafka prefetches up to 64 MiB per partition by default, and there is a consumer per
+# partition: bound it, or memory grows with the partition count. The bound applies before
+# decompression (bench/RESULTS.md, "Kafka consumer queues"). CDC_KAFKA_* override these.
+CONSUMER_DEFAULTS = {
+    "queued.max.messages.kbytes": "1024",
+    "max.partition.fetch.bytes": "262144",
+    "fetch.queue.backoff.ms": "20",  # not 1 s: small queues would starve the pipeline
+    "fetch.max.bytes": "8388608",
+}
 
 Item = SourceMessage | KafkaError
+
+
+def refuse_to_read(topic: str, partition: int, error: ConfluentKafkaError) -> None:
+    """Stop the flow on an error no waiting cures (bad credentials, no such topic, a fatal one).
+
+    librdkafka reconnects by itself after the rest, which are handed out and logged.
+    """
+    if error.fatal() or classify(KafkaException(error)) is Kind.CONFIG:
+        raise ConfigError(f"Kafka refuses to serve {topic} partition {partition}: {error.str()}")
 
 
 class KafkaPartition(StatefulSourcePartition[Item, int]):
@@ -91,6 +112,7 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
             if error.code() == ConfluentKafkaError._PARTITION_EOF:
                 self._eof = True  # StopIteration on the next call, after this batch
                 break
+            refuse_to_read(topic, partition, error)
             if self._raise_on_errors:
                 raise RuntimeError(f"error consuming from Kafka topic `{topic!r}`: {error}")
             # Handed out, but the offset stays: an error's offset need not be a message read
