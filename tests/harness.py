@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from deltalake import DeltaTable
 
-from services.generate import Change, Message, ObjectId
+from dataflow.model import ChangeEvent, DeadLetter
+from services.generate import Change, Generator, Message, ObjectId
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,3 +221,94 @@ def start_cluster(env: dict[str, str], log_dir: Path, processes: int = 2) -> lis
         PipelineProcess(env, log_dir / f"process-{i}.log", args=("-i", str(i), "-a", addresses))
         for i in range(processes)
     ]
+
+
+# ---------------------------------------------------------------- shared checks
+
+
+def read_dlq(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[DeadLetter]:
+    """Every record on the DLQ topic, read to the end of each partition.
+
+    Fails when fewer than `expected` have arrived by `timeout`. Partitions are
+    assigned, not subscribed, so an empty answer is never a group still joining.
+    """
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"check-{topic}", "enable.partition.eof": True}
+    )
+    out: list[DeadLetter] = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions) or len(out) < expected:
+            assert time.monotonic() < deadline, (
+                f"{len(out)} of {expected} dead letters on {topic} in {timeout}s"
+            )
+            for m in consumer.consume(1000, timeout=0.5):
+                if m.error() is None:
+                    out.append(DeadLetter.from_json(m.value()))
+                    at_end.discard(m.partition())
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(m.partition())
+    finally:
+        consumer.close()
+    return out
+
+
+def assert_exactly_once(model: Model, gen: Generator, bucket: str, so: dict[str, str]) -> dict[str, int]:
+    """Tables equal the model; the changelog holds each (topic, partition, offset) once."""
+    counts = {}
+    for coll, expected in model.tables.items():
+        assert_table_matches(f"s3://{bucket}/lake/{gen.db}/{coll}", expected, so)
+    for coll, n in model.events.items():
+        rows = table_rows(f"s3://{bucket}/lake/_changelog/{gen.db}/{coll}", so)
+        seen = collections.Counter(
+            (r["_source_topic"], r["_source_partition"], r["_source_offset"]) for r in rows
+        )
+        dupes = [k for k, c in seen.items() if c > 1]
+        assert not dupes, f"{coll}: {len(dupes)} offsets twice in the changelog, e.g. {dupes[:3]}"
+        assert len(rows) == n, f"{coll}: changelog has {len(rows)} rows, the model {n} changes"
+        counts[coll] = len(rows)
+    return counts
+
+
+# ---------------------------------------------------------------- events
+
+TOPIC = "cdc.shop.orders"
+BASE_MS = 1_700_000_000_000
+
+
+def ev(
+    id: str,
+    op: str = "insert",
+    doc: dict[str, Any] | None = None,
+    *,
+    offset: int,
+    partition: int = 0,
+    ts_ms: int | None = None,
+    ord: int = 0,
+    updated: dict[str, Any] | None = None,
+    removed: tuple[str, ...] = (),
+    topic: str = TOPIC,
+) -> ChangeEvent:
+    """A change event; by default its cluster time grows with the offset."""
+    if op in ("insert", "replace") and doc is None:
+        doc = {}
+    if doc is not None:
+        doc = {"_id": id, **doc}
+    return ChangeEvent(
+        db="shop",
+        collection="orders",
+        id=id,
+        op=op,  # type: ignore[arg-type]
+        doc=doc,
+        ts_ms=BASE_MS + offset * 1000 if ts_ms is None else ts_ms,
+        ord=ord,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        size=100,
+        updated=updated,
+        removed=removed,
+    )

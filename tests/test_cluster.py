@@ -8,8 +8,8 @@ import time
 import pytest
 
 from services.generate import Generator, produce
-from tests.harness import Model, start_cluster
-from tests.test_crash_recovery import assert_exactly_once, lake_env
+from tests.harness import Model, assert_exactly_once, start_cluster
+from tests.test_crash_recovery import lake_env
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,6 @@ recovery stores, SIGTERM, and two pipelines on the same tables. Nothing is lost 
 
 from __future__ import annotations
 
-import collections
 import random
 import re
 import shutil
@@ -15,30 +14,13 @@ import pytest
 
 from services.generate import Generator, produce
 from tests import harness
-from tests.harness import Model, PipelineProcess, assert_table_matches, table_rows
+from tests.harness import Model, PipelineProcess, assert_exactly_once
 
 pytestmark = pytest.mark.integration
 
 
 def lake_env(kafka, s3, gen: Generator, bucket: str, tmp_path, **extra: str) -> dict[str, str]:
     return harness.lake_env(kafka.bootstrap, s3.env, gen.topics, bucket, tmp_path, **extra)
-
-
-def assert_exactly_once(model: Model, gen: Generator, bucket: str, so: dict[str, str]) -> dict[str, int]:
-    """Tables equal the model; the changelog holds each (topic, partition, offset) once."""
-    counts = {}
-    for coll, expected in model.tables.items():
-        assert_table_matches(f"s3://{bucket}/lake/{gen.db}/{coll}", expected, so)
-    for coll, n in model.events.items():
-        rows = table_rows(f"s3://{bucket}/lake/_changelog/{gen.db}/{coll}", so)
-        seen = collections.Counter(
-            (r["_source_topic"], r["_source_partition"], r["_source_offset"]) for r in rows
-        )
-        dupes = [k for k, c in seen.items() if c > 1]
-        assert not dupes, f"{coll}: {len(dupes)} offsets twice in the changelog, e.g. {dupes[:3]}"
-        assert len(rows) == n, f"{coll}: changelog has {len(rows)} rows, the model {n} changes"
-        counts[coll] = len(rows)
-    return counts
 
 
 # Background commits: a killed process may have batches closed, out of the batcher, and not yet in Delta.

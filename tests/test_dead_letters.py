@@ -17,8 +17,7 @@ from dataflow.dlq.sink import DLQSink
 from dataflow.dlq.writer import DLQConfig, FallbackFile
 from dataflow.model import Reason
 from services.generate import Generator, Message, produce
-from tests.harness import pipeline_env, run_pipeline
-from tests.test_pipeline import read_dlq
+from tests.harness import pipeline_env, read_dlq, run_pipeline
 
 pytestmark = pytest.mark.integration
 MAX_DOC = 20_000

@@ -16,9 +16,8 @@ from deltalake.exceptions import CommitFailedError
 from dataflow.lake.writer import DeltaTableWriter
 from dataflow.model import BsonTimestamp, ChangeEvent
 from dataflow.runtime.failures import ConfigError
+from tests.harness import BASE_MS, TOPIC, ev
 
-TOPIC = "cdc.shop.orders"
-BASE_MS = 1_700_000_000_000
 MERGE_META = {"_id", "_seq", "_op", "_ts"}
 APPEND_META = MERGE_META | {"_source_topic", "_source_partition", "_source_offset", "_removed"}
 
@@ -41,41 +40,6 @@ def writer(lake_uri, storage_options):
         return DeltaTableWriter(lake_uri, mode=mode, storage_options=storage_options, **kw)
 
     return make
-
-
-def ev(
-    id: str,
-    op: str = "insert",
-    doc: dict[str, Any] | None = None,
-    *,
-    offset: int,
-    partition: int = 0,
-    ts_ms: int | None = None,
-    ord: int = 0,
-    updated: dict[str, Any] | None = None,
-    removed: tuple[str, ...] = (),
-    topic: str = TOPIC,
-) -> ChangeEvent:
-    """A change event; by default its cluster time grows with the offset."""
-    if op in ("insert", "replace") and doc is None:
-        doc = {}
-    if doc is not None:
-        doc = {"_id": id, **doc}
-    return ChangeEvent(
-        db="shop",
-        collection="orders",
-        id=id,
-        op=op,  # type: ignore[arg-type]
-        doc=doc,
-        ts_ms=BASE_MS + offset * 1000 if ts_ms is None else ts_ms,
-        ord=ord,
-        topic=topic,
-        partition=partition,
-        offset=offset,
-        size=100,
-        updated=updated,
-        removed=removed,
-    )
 
 
 def table(uri: str, storage_options: dict[str, str] | None = None) -> DeltaTable:

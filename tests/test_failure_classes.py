@@ -21,9 +21,16 @@ from deltalake import DeltaTable
 from dataflow.lake.storage import s3_client
 from dataflow.lake.writer import DeltaTableWriter
 from services.generate import Generator, produce
-from tests.harness import ROOT, Model, assert_table_matches, lake_env, pipeline_env, run_pipeline
-from tests.test_delta_sink import ev
-from tests.test_pipeline import read_dlq
+from tests.harness import (
+    ROOT,
+    Model,
+    assert_table_matches,
+    ev,
+    lake_env,
+    pipeline_env,
+    read_dlq,
+    run_pipeline,
+)
 
 
 def committed_versions(uri: str, so: dict[str, str], topic: str, partitions: int) -> list[int | None]:

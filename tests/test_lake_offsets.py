@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dataflow.lake.offsets import committed_offsets, list_tables, twin_of
 from dataflow.lake.writer import DeltaTableWriter
-from tests.test_delta_sink import TOPIC, ev
+from tests.harness import TOPIC, ev
 
 PARTITIONS = {TOPIC: 2}
 

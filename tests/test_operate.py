@@ -21,10 +21,10 @@ from tests.harness import (
     PipelineProcess,
     assert_table_matches,
     pipeline_env,
+    read_dlq,
     run_pipeline,
     table_rows,
 )
-from tests.test_pipeline import read_dlq
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,15 @@ import pytest
 from dataflow.model import Reason
 from services.generate import Generator, Message, produce
 from tests.faults import FaultProxy
-from tests.harness import Model, PipelineProcess, assert_table_matches, lake_env, table_rows
-from tests.test_crash_recovery import assert_exactly_once
-from tests.test_pipeline import read_dlq
+from tests.harness import (
+    Model,
+    PipelineProcess,
+    assert_exactly_once,
+    assert_table_matches,
+    lake_env,
+    read_dlq,
+    table_rows,
+)
 
 pytestmark = pytest.mark.integration
 REPORT = Path(__file__).resolve().parent.parent / ".cache" / "reports"
@@ -69,7 +75,10 @@ def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path, background) -> N
     model = Model()
     model.apply(messages)
     bucket = own_s3.bucket("outage")
-    env = env_for(kafka, own_s3.env, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background)
+    dlq_topic = kafka.topic("dlq", partitions=1)
+    env = env_for(
+        kafka, own_s3.env, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background, CDC_DLQ_TOPIC=dlq_topic
+    )
     p = PipelineProcess(env, tmp_path / "pipeline.log")
     rss = PeakRss(p.proc.pid)
     p.wait_for("commit end", 6, 120)
@@ -85,6 +94,7 @@ def test_minio_stopped_for_30s_mid_run(kafka, own_s3, tmp_path, background) -> N
     assert "circuit breaker storage closed again" in text
     assert_exactly_once(model, gen, bucket, own_s3.storage_options)
     assert not (tmp_path / "fallback.jsonl").exists()  # nothing dead-lettered for an outage
+    assert read_dlq(kafka.bootstrap, dlq_topic, 0) == []
     figures = {
         "events": len(messages),
         "outage_seconds": round(up_at - down_at, 1),

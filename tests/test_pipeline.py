@@ -6,31 +6,12 @@ import collections
 import re
 
 import pytest
-from confluent_kafka import Consumer
 from deltalake import DeltaTable
 
-from dataflow.model import DeadLetter
 from services.generate import Generator, produce
-from tests.harness import Model, assert_table_matches, pipeline_env, run_pipeline, table_rows
+from tests.harness import Model, assert_table_matches, pipeline_env, read_dlq, run_pipeline, table_rows
 
 pytestmark = pytest.mark.integration
-
-
-def read_dlq(bootstrap: str, topic: str, expected: int) -> list[DeadLetter]:
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"check-{topic}", "auto.offset.reset": "earliest"}
-    )
-    consumer.subscribe([topic])
-    out: list[DeadLetter] = []
-    try:
-        for _ in range(60):
-            batch = [m for m in consumer.consume(1000, timeout=1) if m.error() is None]
-            out.extend(DeadLetter.from_json(m.value()) for m in batch)
-            if len(out) >= expected and not batch:
-                break
-    finally:
-        consumer.close()
-    return out
 
 
 def versions_with_data(uri: str, storage_options: dict[str, str]) -> list[int]:

@@ -23,7 +23,7 @@ from dataflow.runtime.failures import BadData, ConfigError, Kind, Unavailable, c
 from dataflow.runtime.metrics import BREAKER_OPENS, BREAKER_STATE, RETRY_EXHAUSTED
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
 from dataflow.runtime.settings import Settings
-from tests.test_delta_sink import ev
+from tests.harness import ev
 
 
 def test_delay_grows_exponentially_and_caps() -> None:
