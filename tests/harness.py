@@ -226,8 +226,8 @@ def start_cluster(env: dict[str, str], log_dir: Path, processes: int = 2) -> lis
 # ---------------------------------------------------------------- shared checks
 
 
-def read_dlq(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[DeadLetter]:
-    """Every record on the DLQ topic, read to the end of each partition.
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[Any]:
+    """Every message on `topic`, read to the end of each partition (confluent-kafka messages).
 
     Fails when fewer than `expected` have arrived by `timeout`. Partitions are
     assigned, not subscribed, so an empty answer is never a group still joining.
@@ -235,25 +235,30 @@ def read_dlq(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> 
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"check-{topic}", "enable.partition.eof": True}
     )
-    out: list[DeadLetter] = []
+    out: list[Any] = []
     try:
         partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         at_end: set[int] = set()
         deadline = time.monotonic() + timeout
         while len(at_end) < len(partitions) or len(out) < expected:
-            assert time.monotonic() < deadline, (
-                f"{len(out)} of {expected} dead letters on {topic} in {timeout}s"
-            )
+            assert time.monotonic() < deadline, f"{len(out)} of {expected} messages on {topic} in {timeout}s"
             for m in consumer.consume(1000, timeout=0.5):
                 if m.error() is None:
-                    out.append(DeadLetter.from_json(m.value()))
+                    out.append(m)
                     at_end.discard(m.partition())
                 elif m.error().code() == KafkaError._PARTITION_EOF:
                     at_end.add(m.partition())
+                else:
+                    raise AssertionError(f"reading {topic}: {m.error()}")
     finally:
         consumer.close()
     return out
+
+
+def read_dlq(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[DeadLetter]:
+    """Every dead letter on the DLQ topic (see `read_topic`)."""
+    return [DeadLetter.from_json(m.value()) for m in read_topic(bootstrap, topic, expected, timeout)]
 
 
 def assert_exactly_once(model: Model, gen: Generator, bucket: str, so: dict[str, str]) -> dict[str, int]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from confluent_kafka import Consumer
 
 from dataflow.dlq.writer import DLQConfig, DLQWriter, FallbackFile, RateLimiter
 from dataflow.model import DeadLetter, Reason
+from tests.harness import read_topic
 
 
 def letters(n: int, topic: str = "src", start: int = 0) -> list[DeadLetter]:
@@ -24,24 +24,6 @@ def letters(n: int, topic: str = "src", start: int = 0) -> list[DeadLetter]:
         )
         for i in range(start, start + n)
     ]
-
-
-def read_topic(bootstrap: str, topic: str, expected: int, max_polls: int = 60) -> list:
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"check-{topic}", "auto.offset.reset": "earliest"}
-    )
-    consumer.subscribe([topic])
-    out = []
-    try:
-        for _ in range(max_polls):
-            out.extend(m for m in consumer.consume(1000, timeout=1) if m.error() is None)
-            if len(out) >= expected:
-                # One more poll shows there is nothing beyond what we expect.
-                out.extend(m for m in consumer.consume(1000, timeout=2) if m.error() is None)
-                break
-    finally:
-        consumer.close()
-    return out
 
 
 def test_dead_letter_json_keeps_original_bytes() -> None:

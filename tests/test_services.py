@@ -10,8 +10,10 @@ from bytewax import operators as op
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, run_main
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from deltalake import DeltaTable, write_deltalake
+
+from tests.harness import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -23,22 +25,6 @@ def produce(bootstrap: str, topic: str, n: int) -> None:
         if i % 10_000 == 0:
             producer.poll(0)
     assert producer.flush(60) == 0
-
-
-def consume_all(bootstrap: str, topic: str, expected: int) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"})
-    consumer.subscribe([topic])
-    values: list[bytes] = []
-    try:
-        for _ in range(300):
-            if len(values) >= expected:
-                break
-            for msg in consumer.consume(10_000, timeout=1):
-                assert msg.error() is None, msg.error()
-                values.append(msg.value())
-    finally:
-        consumer.close()
-    return values
 
 
 def test_bytewax_reads_every_kafka_message_once(kafka) -> None:
@@ -96,5 +82,5 @@ def test_kafka_restart_keeps_the_messages(own_kafka) -> None:
     own_kafka.server.stop()
     assert not own_kafka.server.ready()
     own_kafka.server.start()
-    values = consume_all(own_kafka.bootstrap, topic, 500)
+    values = [m.value() for m in read_topic(own_kafka.bootstrap, topic, 500, timeout=300)]
     assert sorted(values) == sorted(f"message-{i}".encode() for i in range(500))

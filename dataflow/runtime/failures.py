@@ -72,15 +72,23 @@ _STORE_TEXT = re.compile(
     re.IGNORECASE,
 )
 # minio-py (table listing at start, the bucket probe, the CLI) names S3's error codes.
-_S3_CONFIG = {
-    "AccessDenied",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "InvalidBucketName",
-    "NoSuchBucket",
-    "SignatureDoesNotMatch",
+_S3_CODES = {
+    **dict.fromkeys(
+        (
+            "AccessDenied",
+            "AllAccessDisabled",
+            "InvalidAccessKeyId",
+            "InvalidBucketName",
+            "NoSuchBucket",
+            "SignatureDoesNotMatch",
+        ),
+        Kind.CONFIG,
+    ),
+    **dict.fromkeys(
+        ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "OperationAborted"),
+        Kind.UNAVAILABLE,
+    ),
 }
-_S3_UNAVAILABLE = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "OperationAborted"}
 _KAFKA_UNAVAILABLE = {
     KafkaError._TRANSPORT,
     KafkaError._ALL_BROKERS_DOWN,
@@ -118,13 +126,7 @@ def classify(exc: BaseException) -> Kind:
     if isinstance(exc, KafkaException):
         return _kafka_kind(exc)
     if isinstance(exc, S3Error):
-        return (
-            Kind.CONFIG
-            if exc.code in _S3_CONFIG
-            else Kind.UNAVAILABLE
-            if exc.code in _S3_UNAVAILABLE
-            else Kind.BUG
-        )
+        return _S3_CODES.get(exc.code or "", Kind.BUG)
     if isinstance(exc, ServerError | InvalidResponseError | TransportError):  # 5xx, a proxy's page, no answer
         return Kind.UNAVAILABLE
     if isinstance(exc, FileNotFoundError | TableNotFoundError | DeltaProtocolError | SchemaMismatchError):
