@@ -10,6 +10,7 @@ component only its part of the settings.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import bytewax.operators as op
@@ -24,6 +25,7 @@ from dataflow.dlq.writer import DLQConfig, DLQWriter
 from dataflow.lake.offsets import committed_offsets
 from dataflow.lake.storage import health_probe
 from dataflow.runtime import startup
+from dataflow.runtime.failures import describe
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
 from dataflow.runtime.settings import KafkaSettings, LakeSettings, RetrySettings, Settings
 from dataflow.sink.lake import LakeSink
@@ -31,6 +33,8 @@ from dataflow.sink.policy import CommitPolicy
 from dataflow.source.kafka import CONSUMER_DEFAULTS, POLL_BATCH, ResumingKafkaSource
 from dataflow.source.sample import SampleFileSource
 from dataflow.source.topics import end_offsets
+
+log = logging.getLogger("dataflow")
 
 
 def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
@@ -68,16 +72,22 @@ def read_committed(
     lake: LakeSettings, partitions: dict[str, int], policy: RetryPolicy
 ) -> dict[tuple[str, int], int]:
     """The offsets recorded in Delta; storage hiccups at start are retried, then the start fails."""
-    return policy.call(
-        lambda: committed_offsets(
-            lake.tables.lake_uri,
-            lake.pipeline_name,
-            partitions,
-            lake.storage_options or None,
-            paired=lake.tables.table_mode == "both",
-        ),
-        operation="read_committed_offsets",
-    )
+    try:
+        return policy.call(
+            lambda: committed_offsets(
+                lake.tables.lake_uri,
+                lake.pipeline_name,
+                partitions,
+                lake.storage_options or None,
+                paired=lake.tables.table_mode == "both",
+            ),
+            operation="read_committed_offsets",
+        )
+    except Exception as e:
+        log.error(
+            "stopping: %s reading the offsets committed in the lake (%s)", describe(e), type(e).__name__
+        )
+        raise
 
 
 def commit_policy(

@@ -1,8 +1,8 @@
 """The `parse → branch` step: good events go on, bad ones to the dead-letter queue.
 
-Nothing raises out of this step whatever it is fed: every message comes out
-exactly once, in an `EventChunk` (the good events of one table, in order) or
-as a `DeadLetter`, except delete tombstones, which are counted and skipped.
+Every message comes out exactly once, in an `EventChunk` (the good events of
+one table, in order) or as a `DeadLetter`, except delete tombstones, which are
+counted and skipped. Only our own bugs raise, and stop the dataflow.
 """
 
 from __future__ import annotations

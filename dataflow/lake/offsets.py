@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
 from dataflow.lake.layout import CHANGELOG_DIR
 from dataflow.lake.storage import s3_client
@@ -81,11 +82,11 @@ def committed_offsets(
         if uri not in tables:
             try:
                 tables[uri] = DeltaTable(uri, storage_options=storage_options)
-            except Exception as e:  # missing, or half-created: it recorded nothing
+            except TableNotFoundError as e:  # missing, or created without a commit: it recorded nothing
+                # Anything else (storage away, a log that does not parse) is not "nothing recorded":
+                # it goes to the caller's retry policy, or stops the start.
                 level = logging.WARNING if uri in found else logging.INFO
-                log.log(
-                    level, "no readable Delta table at %s while looking for committed offsets: %s", uri, e
-                )
+                log.log(level, "no Delta table at %s while looking for committed offsets: %s", uri, e)
                 tables[uri] = None
         return tables[uri]
 

@@ -151,3 +151,13 @@ def _kafka_kind(exc: KafkaException) -> Kind:
     if err.code() in _KAFKA_UNAVAILABLE or (err.retriable() and not err.fatal()):
         return Kind.UNAVAILABLE
     return Kind.BUG
+
+
+def describe(exc: BaseException) -> str:
+    """How a stop is announced in the log, by kind: the words operators search for."""
+    return {
+        Kind.CONFIG: "a configuration error",
+        Kind.BUG: "an unexpected error (a bug)",
+        Kind.BAD_DATA: "bad data",
+        Kind.UNAVAILABLE: "a service that stayed away",
+    }[classify(exc)]

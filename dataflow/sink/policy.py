@@ -22,7 +22,7 @@ from dataflow.batch.tables import Batch
 from dataflow.dlq.writer import DLQWriter
 from dataflow.lake.writer import DeltaTableWriter, WriteResult
 from dataflow.model import ChangeEvent, DeadLetter, Reason
-from dataflow.runtime.failures import BadData, Kind, classify
+from dataflow.runtime.failures import BadData, Kind, classify, describe
 from dataflow.runtime.metrics import (
     CHECKPOINT_FAILURES,
     CHECKPOINT_LAG,
@@ -118,12 +118,11 @@ class CommitPolicy:
                 lambda: self._attempt(writer, events), operation="delta_commit", breaker=self.breaker
             )
         except Exception as exc:
-            kind = classify(exc)
-            if kind is not Kind.BAD_DATA:
+            if classify(exc) is not Kind.BAD_DATA:
                 log.error(
                     "stopping: %s committing %d events to %s (%s); nothing is dead-lettered, "
                     "the events stay in Kafka and are read again at the next start",
-                    "a configuration error" if kind is Kind.CONFIG else "an unexpected error (a bug)",
+                    describe(exc),
                     len(events),
                     writer.uri,
                     type(exc).__name__,
