@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.harness import StrictLoader
+
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "monitoring" / "prometheus"
 ALERTS = PROM_DIR / "alerts.yml"
@@ -44,25 +46,6 @@ SEVERITIES = {"warning", "critical"}
 
 
 # ---------------------------------------------------------------- YAML
-
-
-class StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (as promtool does)
-    instead of keeping the last one silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(path: Path) -> object:

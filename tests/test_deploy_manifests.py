@@ -27,6 +27,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 
 from dataflow.decode.envelopes import parse
 from dataflow.model import ChangeEvent
+from tests.harness import StrictLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -76,25 +77,6 @@ def node(tools: dict[str, str], code: str, stdin: str) -> Any:
     proc = run(["node", "--input-type=module", "-e", code], stdin=stdin, cwd=Path(tools["MANIFEST_NODE_DIR"]))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-class StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (as kubectl does)
-    instead of keeping the last one silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(text: str) -> list[Any]:
