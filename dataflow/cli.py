@@ -36,7 +36,8 @@ from dataflow.source.topics import end_offsets, match_topics
 def progress(label: str, done: int, total: int | None = None) -> None:
     """Progress on stderr, so stdout stays clean for --json."""
     suffix = f"/{total}" if total else ""
-    print(f"\r{label}: {done}{suffix}", end="", file=sys.stderr, flush=True)
+    end = "\n" if total is not None and done >= total else ""  # the finished line stays, on its own
+    print(f"\r{label}: {done}{suffix}", end=end, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- status
