@@ -35,8 +35,8 @@ def start() -> tuple[Settings, dict[str, int]]:
         partitions = topic_partitions(settings)
         prepare_recovery(settings, partitions)
     except ConfigError as e:
-        log.error("%s", e)
-        sys.exit(f"cdc: {e}")
+        log.error("cdc: %s", e)  # logging is set up by now: the refusal goes where the logs go
+        sys.exit(2)
     if speedups.native is None:
         log.warning(
             "dataflow._speedups is not built (no C compiler at install?): "
