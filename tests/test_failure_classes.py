@@ -38,6 +38,19 @@ def committed_versions(uri: str, so: dict[str, str], topic: str, partitions: int
     return [table.transaction_version(f"cdc:{topic}:{p}") for p in range(partitions)]
 
 
+def append_env(kafka, s3, gen: Generator, bucket: str, tmp_path, dlq_topic: str) -> dict[str, str]:
+    """An append-mode pipeline over `gen`'s topics, its dead letters on their own topic."""
+    return lake_env(
+        kafka.bootstrap,
+        s3.env,
+        gen.topics,
+        bucket,
+        tmp_path,
+        CDC_TABLE_MODE="append",
+        CDC_DLQ_TOPIC=dlq_topic,
+    )
+
+
 def run_failing(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "bytewax.run", "dataflow.main:flow"],
@@ -64,15 +77,7 @@ def test_a_table_of_the_other_mode_stops_the_flow_and_dead_letters_nothing(kafka
     DeltaTableWriter(uri, mode="merge", pipeline="other", storage_options=s3.storage_options).write(
         [ev("seed", doc={"a": 1}, offset=0)]
     )
-    env = lake_env(
-        kafka.bootstrap,
-        s3.env,
-        gen.topics,
-        bucket,
-        tmp_path,
-        CDC_TABLE_MODE="append",
-        CDC_DLQ_TOPIC=dlq_topic,
-    )
+    env = append_env(kafka, s3, gen, bucket, tmp_path, dlq_topic)
     proc = run_failing(env)
     assert "CDC_TABLE_MODE" in proc.stderr and "merge-mode table" in proc.stderr
     assert "stopping: a configuration error" in proc.stderr
@@ -97,15 +102,7 @@ def test_an_unexpected_error_stops_the_flow_with_the_events_still_in_kafka(kafka
     kafka.create_topics(gen.topics, partitions=1)
     dlq_topic = kafka.topic("dlq", partitions=1)
     bucket = s3.bucket("bug")
-    env = lake_env(
-        kafka.bootstrap,
-        s3.env,
-        gen.topics,
-        bucket,
-        tmp_path,
-        CDC_TABLE_MODE="append",
-        CDC_DLQ_TOPIC=dlq_topic,
-    )
+    env = append_env(kafka, s3, gen, bucket, tmp_path, dlq_topic)
     produce(kafka.bootstrap, iter(first))
     run_pipeline(env)
     uri = f"s3://{bucket}/lake/{gen.db}/{gen.names[0]}"
