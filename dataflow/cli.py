@@ -25,10 +25,10 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from dataflow.decode.envelopes import parse
+from dataflow.decode.envelopes import Decoder
 from dataflow.dlq.writer import FallbackFile
 from dataflow.lake.offsets import list_tables
-from dataflow.model import ChangeEvent, DeadLetter, Reason
+from dataflow.model import DeadLetter, Reason
 from dataflow.runtime.settings import Settings, SettingsError
 from dataflow.source.topics import end_offsets, match_topics
 
@@ -277,13 +277,12 @@ def read_ledger(settings: Settings, topic: str) -> set[str]:
         consumer.close()
 
 
-def still_bad(r: DeadLetter, max_bytes: int) -> str | None:
-    """Why the record would be dead-lettered again, if it would."""
-    result = parse(
-        KafkaSourceMessage(r.key, r.value, topic=r.topic, partition=r.partition, offset=r.offset),
-        max_bytes=max_bytes,
+def still_bad(r: DeadLetter, decoder: Decoder) -> str | None:
+    """Why the record would be dead-lettered again, if it would (read as the pipeline reads it)."""
+    result = decoder.parse(
+        KafkaSourceMessage(r.key, r.value, topic=r.topic, partition=r.partition, offset=r.offset)
     )
-    if result is None or isinstance(result, ChangeEvent):
+    if not isinstance(result, DeadLetter):
         return None
     return f"{result.reason}: {result.error}"
 
@@ -304,16 +303,13 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     )
     failures: list[str] = []
     sent = skipped = bad = 0
+    decoder = settings.decoder
     for i, r in enumerate(records, 1):
         source = f"{r.topic}:{r.partition}:{r.offset}"
         if source in done:
             skipped += 1
             continue
-        if (
-            not args.force
-            and r.reason is not Reason.DELTA_WRITE_ERROR
-            and (why := still_bad(r, settings.max_document_bytes))
-        ):
+        if not args.force and r.reason is not Reason.DELTA_WRITE_ERROR and (why := still_bad(r, decoder)):
             bad += 1
             print(
                 f"not replaying {source}: it would be dead-lettered again ({why}); fix it or use --force",

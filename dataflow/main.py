@@ -22,7 +22,7 @@ from dataflow.batch.tables import batch_by_table
 from dataflow.decode.step import parse_events
 from dataflow.dlq.sink import DLQSink
 from dataflow.dlq.writer import DLQConfig, DLQWriter
-from dataflow.lake.offsets import committed_offsets
+from dataflow.lake.offsets import collections_in, committed_offsets
 from dataflow.lake.storage import health_probe
 from dataflow.runtime import startup
 from dataflow.runtime.failures import describe
@@ -40,11 +40,19 @@ log = logging.getLogger("dataflow")
 def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
     flow = Dataflow("mongo_delta_cdc")
     messages = op.input("read", flow, source_for(settings, partitions))
-    parsed = parse_events("parse", messages, max_bytes=settings.max_document_bytes)
+    decoder = settings.decoder
+    parsed = parse_events(
+        "parse",
+        messages,
+        decoder=decoder,
+        collections_of=collections_of(settings.lake, settings.retry.for_commits()),
+    )
     op.output("dead_letters", parsed.dead, DLQSink(settings.dlq))
     # Closed batches the sink has yet to commit in the background: in the snapshots till then.
     inflight = Inflight() if settings.background_commits else None
-    batches = batch_by_table("batch", parsed.events, limits=settings.batch, inflight=inflight)
+    batches = batch_by_table(
+        "batch", parsed.events, limits=settings.batch, inflight=inflight, decoder=decoder
+    )
     policy = commit_policy(settings.lake, settings.retry, settings.dlq, settings.kafka, partitions)
     op.output("delta", batches, LakeSink(policy, inflight))
     return flow
@@ -66,6 +74,18 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         committed=lambda: {} if kafka.start_from == "beginning" else read_committed(lake, partitions, policy),
         partitions=partitions,
     )
+
+
+def collections_of(lake: LakeSettings, policy: RetryPolicy) -> Callable[[str], list[str]]:
+    """The lake's tables of a database, for a dropDatabase; storage outages are waited out."""
+
+    def names(db: str) -> list[str]:
+        return policy.call(
+            lambda: collections_in(lake.tables.lake_uri, db, lake.storage_options or None),
+            operation="list_tables",
+        )
+
+    return names
 
 
 def read_committed(

@@ -12,7 +12,8 @@ import orjson
 
 from dataflow import __version__
 
-Op = Literal["insert", "update", "replace", "delete"]
+Op = Literal["insert", "update", "replace", "delete", "drop", "rename"]
+DDL_OPS = frozenset({"drop", "rename"})  # change a whole collection, not one document
 
 
 class SourceMessage(NamedTuple):
@@ -33,6 +34,18 @@ class BsonTimestamp(NamedTuple):
     i: int
 
 
+_CLUSTER: Any = -1  # ChangeEvent.seq default: from `ts_ms` and `ord`, a cluster time
+
+
+def cluster_seq(seconds: int, increment: int) -> int:
+    """A cluster time (BSON timestamp) as one int64: seconds << 31 | increment.
+
+    BSON cluster seconds are uint32 (good to 2106) and validation keeps the
+    increment below 2**31, so the result always fits a signed int64.
+    """
+    return (seconds << 31) | increment
+
+
 @dataclass(slots=True)
 class ChangeEvent:
     """One MongoDB change, whatever envelope it came in.
@@ -40,7 +53,16 @@ class ChangeEvent:
     `doc` is the full document after the change (with `_id`), decoded from
     Extended JSON into Python values (see `dataflow.decode.extjson`). A partial update
     has `doc=None` and carries `updated` (top-level fields set) and `removed`
-    (top-level fields unset) instead. A delete has neither.
+    (top-level fields unset) instead, or, when it reaches inside a field (a
+    nested path, an array element, a truncation), `change`: the whole update
+    description, applied to the stored document. A delete has neither.
+
+    `drop` empties the collection; `rename` moves it to `target` (db, collection).
+    Both have an empty `id`.
+
+    `seq` orders changes across partitions and replays: built from one source
+    clock only (see `dataflow.decode.envelopes`), or None when the message has
+    no source clock; then offsets alone order it.
     """
 
     db: str
@@ -60,20 +82,16 @@ class ChangeEvent:
     # Delta refuses later can still be dead-lettered with its original bytes.
     raw_key: bytes | None = None
     raw_value: bytes | None = None
+    seq: int | None = _CLUSTER
+    change: Any = None  # dataflow.decode.updates.Update, for updates inside fields
+    target: tuple[str, str] | None = None  # rename: the new (db, collection)
     table: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         # Stored, not a property: read per event by the keying, the metrics and the sink.
         self.table = f"{self.db}.{self.collection}"
-
-    @property
-    def seq(self) -> int:
-        """Source order as one int64: cluster seconds << 31 | ordinal within the second.
-
-        BSON cluster seconds are uint32 (good to 2106) and validation keeps the
-        ordinal below 2**31, so the result always fits a signed int64.
-        """
-        return ((self.ts_ms // 1000) << 31) | self.ord
+        if self.seq is _CLUSTER:
+            self.seq = cluster_seq(self.ts_ms // 1000, self.ord)
 
     @property
     def is_partial(self) -> bool:

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataflow.decode import envelopes as events
-from dataflow.decode.envelopes import parse
+from dataflow.decode.envelopes import Decoder, parse
+from dataflow.decode.formats import TopicTables
 from dataflow.model import ChangeEvent, DeadLetter, Reason
+from dataflow.runtime.failures import BadData, ConfigError
 
 OID = "65a1f0c2e4b0a1b2c3d4e5f6"
 OID2 = "65a1f0c2e4b0a1b2c3d4e5f7"
@@ -272,12 +274,14 @@ def test_debezium_partial_update_without_changes_is_an_empty_update() -> None:
         {
             "removedFields": None,
             "updatedFields": '{"tags": ["vip"]}',
-            "truncatedArrays": [{"field": "tags", "size": 1}],
+            "truncatedArrays": [{"field": "tags", "newSize": 1}],
         },
     ],
 )
-def test_debezium_partial_update_on_nested_paths_is_unsupported(ud: dict) -> None:
-    dead(kmsg(dbz_value(dbz_payload("u", None, updateDescription=ud))), Reason.UNSUPPORTED_PARTIAL_UPDATE)
+def test_debezium_partial_update_on_nested_paths_carries_the_description(ud: dict) -> None:
+    ev = ok(kmsg(dbz_value(dbz_payload("u", None, updateDescription=ud))))
+    assert ev.is_partial and ev.change is not None and ev.updated is None
+    assert ev.change.fields() == {"address"} or ev.change.fields() == {"tags"}
 
 
 @pytest.mark.parametrize(
@@ -298,8 +302,9 @@ def test_debezium_delete_takes_id_from_key(key: bytes, expected_id: str) -> None
 
 def test_debezium_delete_then_tombstone() -> None:
     assert isinstance(parse(kmsg(dbz_value(dbz_payload("d", None)))), ChangeEvent)
-    assert parse(kmsg(None)) is None
-    assert parse(kmsg(b"")) is None
+    # The topic carries Debezium envelopes: the tombstone after the `d` event is no second delete.
+    assert parse(kmsg(None)) == events.TOMBSTONE
+    assert parse(kmsg(b"")) == events.TOMBSTONE
 
 
 def test_debezium_delete_without_key_is_schema_failure() -> None:
@@ -386,16 +391,29 @@ def test_legacy_patch_oplog_v2_diff() -> None:
 
 
 @pytest.mark.parametrize(
-    "patch",
+    ("patch", "expected"),
     [
-        '{"$v": 1, "$set": {"address.city": "Bergen"}}',
-        '{"$v": 1, "$unset": {"address.zip": true}}',
-        '{"$v": 1, "$inc": {"visits": 1}}',
-        '{"$v": 2, "diff": {"saddress": {"u": {"city": "Bergen"}}}}',
+        ('{"$v": 1, "$set": {"address.city": "Bergen"}}', {"address": {"city": "Bergen", "zip": "0150"}}),
+        ('{"$v": 1, "$unset": {"address.zip": true}}', {"address": {"city": "Oslo"}}),
+        (
+            '{"$v": 2, "diff": {"saddress": {"u": {"city": "Bergen"}}}}',
+            {"address": {"city": "Bergen", "zip": "0150"}},
+        ),
+        ('{"$v": 2, "diff": {"stags": {"a": true, "l": 1, "u0": "vip"}}}', {"tags": ["vip"]}),
+        ('{"$v": 2, "diff": {"stags": {"a": true, "s1": {"u": {"n": 2}}}}}', {"tags": ["a", {"n": 2}, "c"]}),
     ],
 )
-def test_legacy_patch_that_cannot_be_applied_top_level(patch: str) -> None:
-    dead(kmsg(legacy_update(patch)), Reason.UNSUPPORTED_PARTIAL_UPDATE)
+def test_legacy_patch_inside_fields_applies_to_the_document(patch: str, expected: dict) -> None:
+    ev = ok(kmsg(legacy_update(patch)))
+    assert ev.change is not None
+    before = {"_id": OID, "address": {"city": "Oslo", "zip": "0150"}, "tags": ["a", {"n": 1}, "c"]}
+    after = ev.change.apply(before)
+    assert {k: after.get(k) for k in expected} == expected
+    assert before["address"] == {"city": "Oslo", "zip": "0150"}  # applied to a copy
+
+
+def test_legacy_patch_with_another_operator_is_refused() -> None:
+    dead(kmsg(legacy_update('{"$v": 1, "$inc": {"visits": 1}}')), Reason.UNSUPPORTED_PARTIAL_UPDATE, "$inc")
 
 
 def test_legacy_patch_replacement_document_is_replace() -> None:
@@ -581,25 +599,52 @@ def test_change_stream_dotted_field_names_resolved_by_disambiguated_paths() -> N
         "removedFields": [],
         "disambiguatedPaths": {"price.usd": ["price.usd"], "items.0": ["items", 0]},
     }
-    dead(cs_msg(change("update", updateDescription=ud)), Reason.UNSUPPORTED_PARTIAL_UPDATE, "items.0")
+    ev = ok(cs_msg(change("update", updateDescription=ud)))
+    assert ev.change is not None
+    after = ev.change.apply({"_id": OID, "price": {"usd": 1}, "items": ["a", "b"]})
+    assert after == {"_id": OID, "price": {"usd": 1}, "price.usd": 10, "items": ["x", "b"]}
     del ud["updatedFields"]["items.0"]
     assert ok(cs_msg(change("update", updateDescription=ud))).updated == {"price.usd": 10}
 
 
 @pytest.mark.parametrize(
-    "ud",
+    ("ud", "expected"),
     [
-        {"updatedFields": {"buyer.id": "x"}, "removedFields": []},
-        {"updatedFields": {}, "removedFields": ["buyer.uuid"]},
-        {
-            "updatedFields": {"lines": []},
-            "removedFields": [],
-            "truncatedArrays": [{"field": "lines", "newSize": 0}],
-        },
+        ({"updatedFields": {"buyer.id": "x"}, "removedFields": []}, {"buyer": {"id": "x", "uuid": "u"}}),
+        ({"updatedFields": {}, "removedFields": ["buyer.uuid"]}, {"buyer": {"id": "b"}}),
+        ({"updatedFields": {"lines.3": 4}, "removedFields": []}, {"lines": [1, 2, 3, 4]}),
+        ({"updatedFields": {"lines.5": 6}, "removedFields": []}, {"lines": [1, 2, 3, None, None, 6]}),
+        ({"updatedFields": {}, "removedFields": ["lines.0"]}, {"lines": [None, 2, 3]}),
+        ({"updatedFields": {"new.deep": 1}, "removedFields": []}, {"new": {"deep": 1}}),
+        (
+            {
+                "updatedFields": {"lines.1": 9},
+                "removedFields": [],
+                "truncatedArrays": [{"field": "lines", "newSize": 2}],
+            },
+            {"lines": [1, 9]},
+        ),
     ],
 )
-def test_change_stream_partial_update_unsupported(ud: dict) -> None:
-    dead(cs_msg(change("update", updateDescription=ud)), Reason.UNSUPPORTED_PARTIAL_UPDATE)
+def test_change_stream_update_inside_fields_applies_as_mongodb_does(ud: dict, expected: dict) -> None:
+    ev = ok(cs_msg(change("update", updateDescription=ud)))
+    assert ev.is_partial and ev.change is not None
+    stored = {"_id": OID, "buyer": {"id": "b", "uuid": "u"}, "lines": [1, 2, 3]}
+    after = ev.change.apply(stored)
+    assert {k: after.get(k) for k in expected} == expected
+
+
+def test_change_stream_update_through_a_scalar_is_refused_where_it_is_applied() -> None:
+    ev = ok(cs_msg(change("update", updateDescription={"updatedFields": {"qty.n": 1}, "removedFields": []})))
+    with pytest.raises(BadData, match="qty.n"):
+        ev.change.apply({"_id": OID, "qty": 3})
+
+
+def test_change_stream_update_with_a_pre_image_is_the_whole_document() -> None:
+    ud = {"updatedFields": {"buyer.id": "x"}, "removedFields": ["note"]}
+    before = {"_id": {"$oid": OID}, "buyer": {"id": "b"}, "note": "n", "qty": 1}
+    ev = ok(cs_msg(change("update", updateDescription=ud, fullDocumentBeforeChange=before)))
+    assert not ev.is_partial and ev.doc == {"_id": OID, "buyer": {"id": "x"}, "qty": 1}
 
 
 def test_change_stream_delete() -> None:
@@ -656,12 +701,9 @@ def test_change_stream_without_cluster_time_uses_the_kafka_timestamp() -> None:
 @pytest.mark.parametrize(
     ("doc", "fragment"),
     [
-        (change("drop"), "'drop' is not a document change"),
-        (change("rename", to={"db": "shop", "coll": "orders2"}), "rename"),
-        (
-            {"_id": CS_ID, "operationType": "invalidate", "clusterTime": {"$timestamp": {"t": 1, "i": 1}}},
-            "invalidate",
-        ),
+        (change("rename"), "rename without `to`"),
+        (change("rename", to={"db": "a/b", "coll": "x"}), "rename target: invalid database"),
+        (change("shuffle"), "'shuffle' is not a change this pipeline knows"),
         (change("insert"), "insert without fullDocument"),
         (change("update"), "update without fullDocument or updateDescription"),
         (change("insert", fullDocument=ORDER, ns=None), "ns is missing"),
@@ -678,6 +720,23 @@ def test_change_stream_schema_failures(doc: dict, fragment: str) -> None:
     dead(cs_msg(doc), Reason.SCHEMA_VALIDATION_FAILED, fragment)
 
 
+def test_change_stream_ddl_events() -> None:
+    drop = ok(cs_msg(change("drop", documentKey=None)))
+    assert (drop.op, drop.table, drop.id, drop.doc) == ("drop", "shop.orders", "", None)
+    assert drop.seq == (TS << 31) | 5
+    rename = ok(cs_msg(change("rename", documentKey=None, to={"db": "shop", "coll": "orders2"})))
+    assert (rename.op, rename.target) == ("rename", ("shop", "orders2"))
+    gone = ok(cs_msg(change("dropDatabase", documentKey=None, ns={"db": "shop"})))
+    assert (gone.op, gone.db, gone.collection) == ("drop", "shop", "")
+    invalidate = {
+        "_id": CS_ID,
+        "operationType": "invalidate",
+        "clusterTime": {"$timestamp": {"t": 1, "i": 1}},
+    }
+    assert parse(cs_msg(invalidate)) == events.INVALIDATE
+    assert parse(cs_msg(change("createIndexes", documentKey=None))) == events.DDL
+
+
 def test_change_stream_invalid_bson() -> None:
     dl = dead(
         cs_msg(change("insert", fullDocument={**ORDER, "qty": {"$numberInt": "3.5"}})), Reason.INVALID_BSON
@@ -691,9 +750,12 @@ def test_change_stream_invalid_bson() -> None:
 
 
 def test_full_document_only_is_a_replace_named_by_the_topic() -> None:
-    ev = ok(cs_msg(ORDER))
+    # The connector's default topic is <db>.<collection> (empty topic.prefix); a collection may hold dots.
+    ev = ok(cs_msg(ORDER, topic="shop.orders"))
     assert (ev.op, ev.db, ev.collection, ev.id, ev.doc) == ("replace", "shop", "orders", OID, ORDER_DECODED)
-    assert (ev.ts_ms, ev.ord) == (TS * 1000 + 999, 0)
+    assert (ev.ts_ms, ev.ord, ev.seq) == (TS * 1000 + 999, 0, None)  # no source clock: offsets order it
+    ev = ok(cs_msg(ORDER, topic="Tutorial1.fs.files"))
+    assert (ev.db, ev.collection) == ("Tutorial1", "fs.files")
 
 
 def test_full_document_only_relaxed_without_wrappers() -> None:
@@ -708,8 +770,17 @@ def test_full_document_only_relaxed_without_wrappers() -> None:
 
 
 @pytest.mark.parametrize("topic", ["orders", None])
-def test_full_document_only_needs_a_namespaced_topic(topic: str | None) -> None:
-    dead(cs_msg(ORDER, topic=topic), Reason.SCHEMA_VALIDATION_FAILED, "<prefix>.<db>.<collection>")
+def test_full_document_only_on_a_topic_no_rule_fits_stops_the_pipeline(topic: str | None) -> None:
+    with pytest.raises(ConfigError, match="CDC_TOPIC_TABLE"):
+        parse(cs_msg(ORDER, topic=topic))
+
+
+def test_topic_rule_from_a_regex_or_a_map() -> None:
+    regex = Decoder(tables=TopicTables(regex=r"marketdata\.(?P<db>[^.]+)\.(?P<collection>.+)\.v1"))
+    ev = regex.parse(cs_msg(ORDER, topic="marketdata.Stocks.PriceData.v1"))
+    assert (ev.db, ev.collection) == ("Stocks", "PriceData")
+    mapped = Decoder(tables=TopicTables({"routed": "shop.orders"}))
+    assert mapped.parse(cs_msg(ORDER, topic="routed")).table == "shop.orders"
 
 
 # --- corrupted, oversized, unexpected
@@ -799,7 +870,7 @@ def test_parse_in_a_bytewax_dataflow() -> None:
 
     flow = Dataflow("parse-test")
     stream = op.input("in", flow, TestingSource(inputs))
-    parsed = op.filter("drop_tombstones", op.map("parse", stream, parse), lambda x: x is not None)
+    parsed = op.filter("skip", op.map("parse", stream, parse), lambda x: not isinstance(x, events.Skipped))
     split = op.branch("ok", parsed, lambda x: isinstance(x, ChangeEvent))
     out_good: list[ChangeEvent] = []
     out_bad: list[DeadLetter] = []
@@ -817,10 +888,9 @@ def test_parse_in_a_bytewax_dataflow() -> None:
 
 def _check_total(msg: KafkaSourceMessage) -> None:
     out = parse(msg)
-    if not msg.value:
-        assert out is None
-        return
-    assert isinstance(out, ChangeEvent | DeadLetter)
+    assert isinstance(out, ChangeEvent | DeadLetter | events.Skipped)
+    if not msg.value and isinstance(out, ChangeEvent):
+        assert out.op == "delete"
     if isinstance(out, DeadLetter):
         assert out.key is msg.key and out.value is msg.value
         assert isinstance(out.reason, Reason) and out.error

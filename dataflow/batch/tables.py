@@ -17,6 +17,7 @@ it too, and a restored batcher hands such batches to the sink again first.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -30,11 +31,12 @@ from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from dataflow.batch.inflight import Inflight
-from dataflow.decode.envelopes import parse
+from dataflow.decode.envelopes import Decoder, Skipped
 from dataflow.model import ChangeEvent, DeadLetter, EventChunk
 from dataflow.runtime.metrics import BATCH_AGE, BATCH_BYTES, BATCH_ROWS
 
 log = logging.getLogger(__name__)
+_DEFAULT_DECODER = Decoder()
 
 
 @dataclass(frozen=True)
@@ -120,22 +122,25 @@ class BatchSnapshot:
             + [(d.topic, d.partition, d.offset, d.key, d.value, 0, 0) for d in batch.rejected],
         )
 
-    def restore(self) -> Batch:
-        """The batch again, decoded as before the crash.
+    def restore(self, decoder: Decoder | None = None) -> Batch:
+        """The batch again, decoded as before the crash (with the pipeline's `decoder`).
 
         No size limit: each message passed the limit in force when it was read,
         and a lower limit now must not turn a snapshot into a crash loop. A
         message that no longer decodes at all becomes a dead letter, not an error.
         """
+        decoder = decoder or _DEFAULT_DECODER
         batch = Batch(self.table, opened_at=self.opened_at)
         for topic, partition, offset, key, value, ts_ms, ord_ in self.messages:
             msg = KafkaSourceMessage(key, value, topic=topic, partition=partition, offset=offset)
-            ev = parse(msg, max_bytes=sys.maxsize)
+            ev = decoder.parse(msg, max_bytes=sys.maxsize)
             if type(ev) is ChangeEvent:
                 ev.ts_ms, ev.ord = ts_ms, ord_  # as first decoded (they may come from the message timestamp)
+                if ev.op == "drop" and not ev.collection:  # one table's part of a dropDatabase
+                    ev = dataclasses.replace(ev, collection=self.table.partition(".")[2])
                 batch.events.append(ev)
                 batch.nbytes += ev.size
-            elif ev is not None:
+            elif type(ev) is not Skipped:
                 log.error(
                     "snapshot of %s holds %s:%s@%s, which no longer decodes (%s): dead-lettering it",
                     self.table,
@@ -167,6 +172,7 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
         clock=time.time,
         open_rows: OpenRows | None = None,
         inflight: Inflight | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         self.limits = limits
         self.clock = clock
@@ -174,10 +180,10 @@ class TableBatcher(StatefulBatchLogic[ChangeEvent, Batch, TableSnapshot]):
         self.inflight = inflight
         self.resend: list[Batch] = []  # restored closed batches, handed to the sink before anything else
         if resume is not None:
-            self.resend = [s.restore() for s in resume.closed]
+            self.resend = [s.restore(decoder) for s in resume.closed]
             for batch in self.resend:
                 self._hold(batch)
-        self.open = resume.open.restore() if resume is not None else Batch("")
+        self.open = resume.open.restore(decoder) if resume is not None else Batch("")
         self.open_rows.report(self.open.table, len(self.open.events))
 
     def _hold(self, batch: Batch) -> None:
@@ -255,16 +261,20 @@ def batch_by_table(
     *,
     limits: BatchLimits,
     inflight: Inflight | None = None,
+    decoder: Decoder | None = None,
 ) -> Stream[Batch]:
     """Key events (or chunks of one table's events) by table and emit closed batches.
 
     The tables batched in this process share one `OpenRows` bound. Give the
     sink the same `inflight` when it commits in the background: the batchers'
     snapshots then carry closed batches until the sink releases them.
+    Restored snapshots are decoded again with `decoder` (the parse step's).
     """
     open_rows = OpenRows(limits.open_rows_bound)
     keyed: KeyedStream[ChangeEvent | EventChunk] = op.key_on("key", up, lambda ev: ev.table)
     batches = op.stateful_batch(
-        "batch", keyed, lambda resume: TableBatcher(limits, resume, open_rows=open_rows, inflight=inflight)
+        "batch",
+        keyed,
+        lambda resume: TableBatcher(limits, resume, open_rows=open_rows, inflight=inflight, decoder=decoder),
     )
     return op.map("unkey", batches, lambda kv: kv[1])

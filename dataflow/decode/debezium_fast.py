@@ -17,6 +17,7 @@ from typing import Any
 
 from dataflow import speedups
 from dataflow.decode import extjson
+from dataflow.decode.order import debezium_seq
 from dataflow.decode.validate import MAX_ORD, MAX_SECONDS, check_namespace
 from dataflow.model import ChangeEvent, SourceMessage
 
@@ -65,6 +66,22 @@ def event(msg: SourceMessage, value: bytes, p: dict[str, Any]) -> ChangeEvent | 
             return None
     except Exception:  # whatever went wrong, the general path finds it again and words it
         return None
+    seq = debezium_seq(ts_ms, ord_, source.get("version"))
     return ChangeEvent(
-        db, coll, id_value, kind, doc, ts_ms, ord_, topic, partition, offset, len(value), None, (), key, value
+        db,
+        coll,
+        id_value,
+        kind,
+        doc,
+        ts_ms,
+        ord_,
+        topic,
+        partition,
+        offset,
+        len(value),
+        None,
+        (),
+        key,
+        value,
+        seq,
     )

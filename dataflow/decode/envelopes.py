@@ -1,29 +1,59 @@
 """Kafka message -> ChangeEvent, whichever connector wrote it; anything unusable -> DeadLetter.
 
-`parse` turns every message it can tell is unusable into a dead letter with its
-original bytes; only our own bugs raise, and stop the dataflow. Envelopes accepted (see DESIGN.md):
+`Decoder.parse` turns every message it can tell is unusable into a dead letter
+with its original bytes; only our own bugs raise, and stop the dataflow. What
+is read (DESIGN.md; the corpus in tests/data/connectors shows each):
 
-- Debezium MongoDB (0.x/1.x legacy and 2.x), with or without the JSON
-  converter's `{"schema", "payload"}` wrapper;
-- MongoDB Kafka source connector change-stream documents, as JSON objects, as a
-  JSON string holding the document, or schema-wrapped (then `fullDocument`,
-  `documentKey`, `clusterTime` and `updatedFields` are Extended JSON strings);
-- `publish.full.document.only=true`: the bare document, applied as a "replace"
-  (full-state upsert), namespace from the topic `<prefix>.<db>.<collection>`.
+- Debezium MongoDB envelopes (0.x/1.x with oplog `patch`/`filter`, 2.x and
+  3.x, with or without pre-images), with or without the JSON converter's
+  `{"schema", "payload"}` wrapper; the tombstone after a delete is skipped;
+- Debezium's `ExtractNewDocumentState` output (the bare document with the
+  SMT's `__op`, `__deleted`, `__source_*` fields): a tombstone or
+  `__deleted: true` is the delete, Connect logical types are typed;
+- MongoDB Kafka source connector change-stream documents, as JSON objects, as
+  a JSON string holding the document, or schema-wrapped; update descriptions
+  with nested paths, array elements, truncations and disambiguated paths;
+  `drop`, `rename`, `dropDatabase` (applied), `invalidate` and the expanded
+  DDL events (logged and skipped);
+- `publish.full.document.only=true`: the bare document, a full-state upsert;
+  its `tombstone.on.delete` tombstone is the delete;
+- Debezium transaction metadata (`<prefix>.transaction`): skipped and counted.
+
+Which of the two bare-document formats, and whether a tombstone is a delete,
+is `CDC_FORMAT` (`dataflow.decode.formats`); the table of a message that does
+not name it comes from the topic rule there.
+
+Order (`ChangeEvent.seq`), from one clock only: the cluster time (seconds,
+increment) of a change-stream event (`clusterTime`) or of a Debezium event
+before 3.4 (`source.ts_ms` seconds, `source.ord`). Debezium 3.4 (DBZ-9683)
+sets `source.ts_ms` to the wall time where MongoDB gives one while `ord`
+stays the cluster increment, so from 3.4 on the sequence is the wall time
+alone (`ts_ms` milliseconds; `ord` is not mixed in). A bare document or a
+tombstone carries no source clock unless the SMT adds `__source_ts_ms`: its
+`seq` is None, and offsets alone order it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import orjson
 from bytewax.connectors.kafka import KafkaSourceMessage
 
 from dataflow import speedups
-from dataflow.decode import debezium_fast, extjson, validate
-from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason, SourceMessage
+from dataflow.decode import connect, debezium_fast, extjson, validate
+from dataflow.decode.formats import Detections, Format, TopicTables
+from dataflow.decode.order import debezium_seq
+from dataflow.decode.updates import Update, UpdateError
+from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason, SourceMessage, cluster_seq
+from dataflow.runtime.failures import BadData
 
-__all__ = ["DEFAULT_MAX_BYTES", "parse"]
+__all__ = ["DEFAULT_MAX_BYTES", "Decoder", "Skipped", "parse"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 _MAX_ERROR_CHARS = 1000
@@ -37,9 +67,43 @@ _STREAM_OPS: dict[str, Op] = {
     "replace": "replace",
     "delete": "delete",
 }
+# Expanded change-stream events (showExpandedEvents) that change no document.
+_STREAM_DDL = frozenset(
+    {
+        "create",
+        "createIndexes",
+        "dropIndexes",
+        "modify",
+        "shardCollection",
+        "reshardCollection",
+        "refineCollectionShardKey",
+    }
+)
 _DEBEZIUM_OTHER_OPS = {"t": "truncate", "m": "message"}
+_UNWRAPPED_OPS: dict[str, Op] = {"c": "insert", "r": "insert", "u": "update", "d": "delete"}
 _MISSING = object()
 _CHECKED = object()  # in place of a key's _id text: the event is already validated
+_NO_ID = object()  # a change to a whole collection
+
+# What `Detections` records per topic.
+DEBEZIUM = "Debezium change events"
+CHANGE_STREAM = "MongoDB change-stream documents"
+UNWRAPPED = "Debezium ExtractNewDocumentState records"
+FULL_DOCUMENT = "MongoDB full documents (publish.full.document.only)"
+TRANSACTIONS = "Debezium transaction metadata"
+_ENVELOPES = frozenset({DEBEZIUM, CHANGE_STREAM})
+
+
+class Skipped(NamedTuple):
+    """A message that is not a change to apply; `kind` labels the count."""
+
+    kind: str
+
+
+TOMBSTONE = Skipped("tombstone")
+TRANSACTION = Skipped("transaction")
+INVALIDATE = Skipped("invalidate")
+DDL = Skipped("ddl")
 
 
 class _Reject(Exception):
@@ -51,42 +115,220 @@ class _Reject(Exception):
         self.error = error
 
 
+@dataclass
+class Decoder:
+    """How to read this pipeline's topics (`CDC_FORMAT`, the topic rule) and what was found on them."""
+
+    format: Format = Format.AUTO
+    tables: TopicTables = field(default_factory=TopicTables)
+    max_bytes: int = DEFAULT_MAX_BYTES
+    fast: bool = True
+    detections: Detections = field(default_factory=Detections)
+
+    def parse(self, msg: Any, *, max_bytes: int | None = None) -> ChangeEvent | DeadLetter | Skipped:
+        """Decode one Kafka message (anything with its attributes)."""
+        value: Any = None
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        try:
+            value = msg.value
+            if value is None or len(value) == 0:
+                return self._tombstone(msg)
+            if type(value) is not bytes:
+                if isinstance(value, str):
+                    value = value.encode("utf-8", "surrogatepass")
+                elif isinstance(value, bytearray | memoryview):
+                    value = bytes(value)
+                else:
+                    return _dead(msg, None, _CORRUPT, f"value is a {type(value).__name__}, not bytes")
+            if len(value) > limit:
+                return _dead(
+                    msg, value, Reason.OVERSIZED_DOCUMENT, f"value is {len(value)} bytes, limit is {limit}"
+                )
+            ev, key_id = self._decode(msg, value)
+            if type(ev) is Skipped:
+                return ev
+            if key_id is not _CHECKED:
+                err = validate.check_event(ev, key_id)
+                if err is not None:
+                    return _dead(msg, value, _SCHEMA, err)
+            return ev
+        except _Reject as r:
+            return _dead(msg, value, r.reason, r.error)
+        except extjson.InvalidBson as e:
+            return _dead(msg, value, Reason.INVALID_BSON, str(e), {"path": e.path})
+        # Anything else is our bug: it stops the dataflow, and the message stays in Kafka
+        # (`dataflow.runtime.failures`); a topic no table rule fits is a ConfigError. The fuzz
+        # tests feed this every shape of input.
+
+    # ------------------------------------------------------------ what the message is
+
+    def _decode(self, msg: Any, value: bytes) -> tuple[ChangeEvent | Skipped, Any]:
+        """The event and the `_id` text its key carried (or `_CHECKED`: `debezium_fast` validated it)."""
+        schema: Any = None
+        obj = _schema_payload(value, "value")
+        wrapped = obj is not _MISSING
+        if obj is _MISSING:
+            obj = _json(value, "value")
+            if type(obj) is str:  # the change-stream document as a JSON string (StringConverter-style)
+                obj = _json(obj, "value (JSON string)")
+            if _is_wrapped(obj):
+                wrapped, schema = True, obj["schema"]
+                obj = _payload(obj["payload"], "value.payload")
+        if type(obj) is not dict:
+            raise _Reject(_CORRUPT, f"value is a JSON {_kind(obj)}, not an object")
+        topic = _attr(msg, "topic")
+        topic = topic if type(topic) is str else ""
+        # A change-stream document also has an `_id` (its resume token), so it is tested first; a bare
+        # document is then anything with an `_id` (or the SMT's fields): Debezium payloads have none.
+        if "operationType" in obj and (
+            "ns" in obj or "documentKey" in obj or "clusterTime" in obj or "_id" not in obj
+        ):
+            self.detections.saw(topic, CHANGE_STREAM)
+            return _change_stream(msg, value, obj)
+        if "_id" in obj or "__op" in obj or "__deleted" in obj:
+            if wrapped and schema is None:  # the fast scanner skipped the schema: it may type fields
+                schema = _json(value, "value").get("schema")
+            return self._bare(msg, value, obj, schema, topic)
+        if "op" in obj:
+            self.detections.saw(topic, DEBEZIUM)
+            if self.fast:
+                ev = debezium_fast.event(msg, value, obj)
+                if ev is not None:
+                    return ev, _CHECKED
+            return _debezium(msg, value, obj)
+        if obj.get("status") in ("BEGIN", "END") and "id" in obj:
+            self.detections.saw(topic, TRANSACTIONS)
+            return TRANSACTION, None
+        keys = ", ".join(list(obj)[:8])
+        raise _Reject(_CORRUPT, f"not a recognisable change event envelope (keys: {keys})")
+
+    def _is_unwrapped(self, msg: Any, obj: dict | None) -> bool:
+        """A bare document or tombstone from Debezium's SMT (else from MongoDB's connector)."""
+        if self.format.unwrapped:
+            return True
+        if self.format is not Format.AUTO:
+            return False
+        if obj is not None and any(k == "__op" or k == "__deleted" or k.startswith("__source_") for k in obj):
+            return True
+        return _key_shape(msg) == "debezium"
+
+    def _bare(self, msg: Any, value: bytes, obj: dict, schema: Any, topic: str) -> tuple[ChangeEvent, Any]:
+        if self._is_unwrapped(msg, obj):
+            self.detections.saw(topic, UNWRAPPED)
+            return self._unwrapped(msg, value, obj, schema, topic)
+        self.detections.saw(topic, FULL_DOCUMENT)
+        db, coll = self.tables.names(topic, debezium=False)
+        # The bare document is the top-level object: skip the walk when no wrapper can be in it.
+        doc = extjson.decode(obj) if (b'"$' in value or b"\\u0024" in value) else obj
+        if type(doc) is not dict or "_id" not in doc:
+            raise _Reject(_SCHEMA, "bare document without an _id")
+        key_id = _key_id_text(msg)
+        ev = _event(msg, value, db, coll, doc["_id"], "replace", doc, _msg_ts_ms(msg), 0, seq=None)
+        return ev, key_id
+
+    def _unwrapped(
+        self, msg: Any, value: bytes, obj: dict, schema: Any, topic: str
+    ) -> tuple[ChangeEvent, Any]:
+        smt = {k: obj.pop(k) for k in [k for k in obj if _is_smt_field(k)]}
+        if schema is not None and connect.has_logical_types(schema):
+            try:
+                obj = connect.convert(obj, schema)
+            except connect.ConnectValueError as e:
+                raise _Reject(_SCHEMA, f"value.payload: {e}") from None
+        doc = extjson.decode(obj) if (b'"$' in value or b"\\u0024" in value) else obj
+        if type(doc) is not dict:
+            raise _Reject(_SCHEMA, f"value must be a document, not {_kind(doc)}")
+        db, coll = smt.get("__source_db"), smt.get("__source_collection")
+        if type(db) is not str or type(coll) is not str:
+            db, coll = self.tables.names(topic, debezium=True)
+        ts_ms = smt.get("__source_ts_ms")
+        ord_ = smt.get("__source_ord")
+        seq: int | None = None
+        if type(ts_ms) is int:
+            seq = debezium_seq(ts_ms, ord_ if type(ord_) is int else 0, smt.get("__source_version"))
+        else:
+            ts_ms = _msg_ts_ms(msg)
+        code = smt.get("__op")
+        deleted = smt.get("__deleted") in (True, "true")
+        if code is not None and code not in _UNWRAPPED_OPS:
+            raise _Reject(_SCHEMA, f"unknown __op {str(code)[:20]!r} (expected c, u, d or r)")
+        key_id: Any = _key_id_text(msg)
+        if "_id" in doc:
+            id_value = doc["_id"]
+        else:  # a rewrite-mode delete without `rewrite-with-id`: `{"__deleted": true}`
+            id_value = _unwrapped_key_id(msg)
+            if id_value is _MISSING:
+                raise _Reject(_SCHEMA, 'no _id: not in the record, nor in a key {"id": ...}')
+            key_id = None
+        updated: dict[str, Any] | None = None
+        op: Op
+        if deleted or code == "d":
+            op, doc = "delete", None
+        elif code in ("c", "r"):
+            op = "insert"
+        elif self.format is Format.DEBEZIUM_UNWRAPPED_PARTIAL and code in ("u", None):
+            # change_streams capture mode: only the fields the update set. The SMT leaves removed
+            # fields out (Debezium 2.2+), so an update that only removed some cannot be applied.
+            op, updated = "update", {k: v for k, v in doc.items() if k != "_id"}
+            doc = None
+            if not updated:
+                raise _Reject(
+                    _PARTIAL,
+                    "an update record with no field but _id: ExtractNewDocumentState drops removed fields "
+                    "in change_streams capture mode, so what it removed is unknown "
+                    "(capture.mode=change_streams_update_full sends the whole document)",
+                )
+        elif code == "u":
+            op = "update"
+        else:
+            op = "replace"
+        ev = _event(msg, value, db, coll, id_value, op, doc, ts_ms, ord_ if type(ord_) is int else 0, seq=seq)
+        ev.updated = updated
+        return ev, key_id
+
+    def _tombstone(self, msg: Any) -> ChangeEvent | DeadLetter | Skipped:
+        """A null value: the delete itself (SMT, full-document-only) or the echo of a `d` event (skip)."""
+        topic = _attr(msg, "topic")
+        topic = topic if type(topic) is str else ""
+        fmt = self.format
+        if fmt in (Format.DEBEZIUM, Format.MONGODB):
+            return TOMBSTONE
+        if fmt is Format.AUTO and self.detections.get(topic) in _ENVELOPES:
+            return TOMBSTONE
+        try:
+            debezium = self._is_unwrapped(msg, None)
+            id_value = _unwrapped_key_id(msg) if debezium else _document_key(msg)
+            if id_value is _MISSING:
+                if fmt is Format.AUTO:
+                    return TOMBSTONE
+                raise _Reject(_SCHEMA, "tombstone (a delete) whose key names no document _id")
+            db, coll = self.tables.names(topic, debezium=debezium)
+            ev = _event(msg, b"", db, coll, id_value, "delete", None, _msg_ts_ms(msg), 0, seq=None)
+            ev.raw_value = None
+        except _Reject as r:
+            return _dead(msg, None, r.reason, r.error)
+        except extjson.InvalidBson as e:
+            return _dead(msg, None, Reason.INVALID_BSON, str(e), {"path": e.path})
+        err = validate.check_event(ev)
+        return ev if err is None else _dead(msg, None, _SCHEMA, err)
+
+
+_DEFAULT = Decoder()
+
+
 def parse(
     msg: KafkaSourceMessage, *, max_bytes: int = DEFAULT_MAX_BYTES, fast: bool = True
-) -> ChangeEvent | DeadLetter | None:
-    """Decode one Kafka message (anything with its attributes). None means a tombstone: skip it.
+) -> ChangeEvent | DeadLetter | Skipped:
+    """Decode one message with the default settings (`CDC_FORMAT=auto`, the connectors' topic names).
 
     `fast=False` skips `debezium_fast`, the one-function decoder of the common
     Debezium change (the tests compare the two).
     """
-    value: Any = None
-    try:
-        value = msg.value
-        if value is None or len(value) == 0:
-            return None
-        if type(value) is not bytes:
-            if isinstance(value, str):
-                value = value.encode("utf-8", "surrogatepass")
-            elif isinstance(value, bytearray | memoryview):
-                value = bytes(value)
-            else:
-                return _dead(msg, None, _CORRUPT, f"value is a {type(value).__name__}, not bytes")
-        if len(value) > max_bytes:
-            return _dead(
-                msg, value, Reason.OVERSIZED_DOCUMENT, f"value is {len(value)} bytes, limit is {max_bytes}"
-            )
-        ev, key_id = _decode(msg, value, fast)
-        if key_id is not _CHECKED:
-            err = validate.check_event(ev, key_id)
-            if err is not None:
-                return _dead(msg, value, _SCHEMA, err)
-        return ev
-    except _Reject as r:
-        return _dead(msg, value, r.reason, r.error)
-    except extjson.InvalidBson as e:
-        return _dead(msg, value, Reason.INVALID_BSON, str(e), {"path": e.path})
-    # Anything else is our bug: it stops the dataflow, and the message stays in Kafka
-    # (`dataflow.runtime.failures`). The fuzz tests feed this every shape of input.
+    decoder = _DEFAULT if fast else _SLOW
+    return decoder.parse(msg, max_bytes=max_bytes)
+
+
+_SLOW = Decoder(fast=False, detections=_DEFAULT.detections)
 
 
 # --- dead letters
@@ -138,7 +380,7 @@ def _kind(v: Any) -> str:
 
 def _json(text: str | bytes, where: str) -> Any:
     try:
-        return orjson.loads(text)
+        return extjson.parse_json(text)
     except orjson.JSONDecodeError as e:
         if isinstance(text, bytes):
             try:
@@ -231,40 +473,18 @@ def _msg_ts_ms(msg: Any) -> int:
     return 0
 
 
-def _partial(
-    updated: Any, removed: Any, truncated: Any, where: str, disambiguated: Any = None
-) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """Top-level fields set / removed by an update, or reject what cannot be applied that way."""
-    if updated is None:
-        updated = {}
-    elif type(updated) is not dict:
-        raise _Reject(_SCHEMA, f"{where}.updatedFields must be a document, not {_kind(updated)}")
-    if removed is None:
-        removed = []
-    elif type(removed) is not list or any(type(f) is not str for f in removed):
-        raise _Reject(_SCHEMA, f"{where}.removedFields must be a list of strings")
-    if truncated:
-        if type(truncated) is not list:
-            raise _Reject(_SCHEMA, f"{where}.truncatedArrays must be a list")
-        raise _Reject(
-            _PARTIAL, f"{where}.truncatedArrays is not empty: array truncation needs the full document"
-        )
-    if type(disambiguated) is not dict:
-        disambiguated = {}
-    for names, what in ((updated, "updatedFields"), (removed, "removedFields")):
-        for name in names:
-            if "." in name:
-                # MongoDB 6.1+ says when a dotted name is one top-level field literally named so.
-                parts = disambiguated.get(name)
-                if not (type(parts) is list and len(parts) == 1 and parts[0] == name):
-                    raise _Reject(
-                        _PARTIAL, f"{where}.{what} touches the nested path {name!r}: needs the full document"
-                    )
-    return updated, tuple(removed)
-
-
 def _event(
-    msg: Any, value: bytes, db: str, coll: str, id_value: Any, op: Op, doc: dict | None, ts_ms: int, ord_: int
+    msg: Any,
+    value: bytes,
+    db: str,
+    coll: str,
+    id_value: Any,
+    op: Op,
+    doc: dict | None,
+    ts_ms: int,
+    ord_: int,
+    *,
+    seq: int | None,
 ) -> ChangeEvent:
     if doc is not None and "_id" not in doc:
         doc = {"_id": id_value, **doc}
@@ -275,7 +495,7 @@ def _event(
     return ChangeEvent(
         db=db,
         collection=coll,
-        id=extjson.id_text(id_value),
+        id="" if id_value is _NO_ID else extjson.id_text(id_value),
         op=op,
         doc=doc,
         ts_ms=ts_ms,
@@ -286,38 +506,151 @@ def _event(
         size=len(value),
         raw_key=_as_bytes(key),
         raw_value=value,
+        seq=seq,
     )
 
 
-# --- envelope detection
+def _is_smt_field(name: str) -> bool:
+    """A field `ExtractNewDocumentState` adds (`add.fields`, `__deleted`), not the collection's."""
+    return name[:2] == "__" and (
+        name in ("__op", "__deleted", "__ts_ms", "__ts_us", "__ts_ns", "__db", "__collection")
+        or name.startswith(("__source_", "__transaction_"))
+    )
 
 
-def _decode(msg: Any, value: bytes, fast: bool = False) -> tuple[ChangeEvent, Any]:
-    """The event and the `_id` text its key carried (or `_CHECKED`: `debezium_fast` validated it)."""
-    obj = _schema_payload(value, "value")
-    if obj is _MISSING:
-        obj = _json(value, "value")
-        if type(obj) is str:  # the change-stream document as a JSON string (StringConverter-style)
-            obj = _json(obj, "value (JSON string)")
-        obj = _unwrap_schema(obj, "value")
-    if type(obj) is not dict:
-        raise _Reject(_CORRUPT, f"value is a JSON {_kind(obj)}, not an object")
-    # A change-stream document also has an `_id` (its resume token), so it is tested first; a bare
-    # document (publish.full.document.only) is then anything with an `_id`: Debezium payloads have none.
-    if "operationType" in obj and (
-        "ns" in obj or "documentKey" in obj or "clusterTime" in obj or "_id" not in obj
-    ):
-        return _change_stream(msg, value, obj)
-    if "_id" in obj:
-        return _full_document(msg, value, obj)
-    if "op" in obj:
-        if fast:
-            ev = debezium_fast.event(msg, value, obj)
-            if ev is not None:
-                return ev, _CHECKED
-        return _debezium(msg, value, obj)
-    keys = ", ".join(list(obj)[:8])
-    raise _Reject(_CORRUPT, f"not a recognisable change event envelope (keys: {keys})")
+def _is_wrapped(obj: Any) -> bool:
+    return type(obj) is dict and len(obj) == 2 and "payload" in obj and "schema" in obj
+
+
+def _key_object(msg: Any) -> Any:
+    """The message key as JSON (schema wrapper removed), or _MISSING."""
+    key = _as_bytes(_attr(msg, "key"))
+    if not key:
+        return _MISSING
+    try:
+        obj = _json(key, "key")
+    except _Reject:
+        return _MISSING
+    if _is_wrapped(obj):
+        obj = obj["payload"]
+        if type(obj) is str:
+            try:
+                obj = _json(obj, "key.payload")
+            except _Reject:
+                return _MISSING
+    return obj
+
+
+def _key_shape(msg: Any) -> str | None:
+    """ "debezium" for a `{"id": ...}` key, "mongodb" for a document key `{"_id": ...}`."""
+    obj = _key_object(msg)
+    if type(obj) is dict:
+        if "id" in obj and "_id" not in obj:
+            return "debezium"
+        if "_id" in obj:
+            return "mongodb"
+    return None
+
+
+def _unwrapped_key_id(msg: Any) -> Any:
+    """The `_id` in the key `ExtractNewDocumentState` writes: `{"id": <value>}`, not Extended JSON text.
+
+    The SMT converts the key's `_id` as it converts the document's (an ObjectId
+    to its hex string, a number to a number), so the two compare as they are.
+    A key left as Debezium wrote it (`"id"` holding Extended JSON text) is read as that.
+    """
+    obj = _key_object(msg)
+    if type(obj) is not dict or "id" not in obj:
+        return _MISSING
+    raw = obj["id"]
+    if type(raw) is str and raw[:1] in ("{", '"'):  # the key as Debezium wrote it: Extended JSON text
+        with contextlib.suppress(orjson.JSONDecodeError, extjson.InvalidBson):
+            return extjson.loads(raw, path="key.id")
+    return extjson.decode(raw, path="key.id")
+
+
+def _key_id_text(msg: Any) -> str | None:
+    """The `_id` text the key names, to check against the document's (None: no usable key)."""
+    shape = _key_shape(msg)
+    try:
+        if shape == "debezium":
+            k = _unwrapped_key_id(msg)
+        elif shape == "mongodb":
+            k = _document_key(msg)
+        else:
+            return None
+    except (_Reject, extjson.InvalidBson):
+        return None
+    return None if k is _MISSING else extjson.id_text(k)
+
+
+def _document_key(msg: Any) -> Any:
+    """The `_id` in a MongoDB connector key (the change's `documentKey`), or _MISSING."""
+    obj = _key_object(msg)
+    if type(obj) is not dict or "_id" not in obj:
+        return _MISSING
+    raw = obj["_id"]
+    if type(raw) is dict and set(raw) == {"_data"} and type(raw["_data"]) is str:
+        raise _Reject(
+            _SCHEMA,
+            "the message key is a change-stream resume token, not the document key: "
+            "set the connector's change.stream.document.key.as.key=true to have deletes applied",
+        )
+    return extjson.decode(raw, path="key._id")
+
+
+def _update(
+    ud: dict, where: str, before: dict | None
+) -> tuple[dict | None, dict[str, Any] | None, tuple[str, ...], Update | None]:
+    """An update description as (doc, updated, removed, change).
+
+    With a pre-image, the document after it (the description applied to the
+    pre-image); else top-level sets and removals, or the whole description
+    when it reaches inside a field.
+    """
+    upd = ud.get("updatedFields")
+    if upd is not None:
+        upd = _ext(upd, f"{where}.updatedFields")
+        if type(upd) is not dict:
+            raise _Reject(_SCHEMA, f"{where}.updatedFields must be a document, not {_kind(upd)}")
+    removed = ud.get("removedFields")
+    if removed is None:
+        removed = []
+    elif type(removed) is str:  # schema output writes the list as JSON text
+        removed = _ext(removed, f"{where}.removedFields")
+    if type(removed) is not list or any(type(f) is not str for f in removed):
+        raise _Reject(_SCHEMA, f"{where}.removedFields must be a list of strings")
+    truncated = ud.get("truncatedArrays")
+    if type(truncated) is str:
+        truncated = _ext(truncated, f"{where}.truncatedArrays")
+    if truncated is None:
+        truncated = []
+    if type(truncated) is not list:
+        raise _Reject(_SCHEMA, f"{where}.truncatedArrays must be a list")
+    dis = ud.get("disambiguatedPaths")
+    if type(dis) is str:
+        dis = _ext(dis, f"{where}.disambiguatedPaths")
+    if dis is not None and type(dis) is not dict:
+        raise _Reject(_SCHEMA, f"{where}.disambiguatedPaths must be a document")
+    try:
+        change = Update.parse(upd or {}, removed, truncated, dis)
+    except UpdateError as e:
+        raise _Reject(_SCHEMA, f"{where}: {e}") from None
+    return _applied(change, before, where)
+
+
+def _applied(
+    change: Update, before: dict | None, where: str
+) -> tuple[dict | None, dict[str, Any] | None, tuple[str, ...], Update | None]:
+    if before is not None:
+        try:
+            return change.apply(before), None, (), None
+        except BadData as e:
+            raise _Reject(e.reason, f"{where} applied to the pre-image: {e}") from None
+    if change.top_level:
+        updated = {str(p[0]): v for p, v in change.set}
+        return None, updated, tuple(str(p[0]) for p in change.unset), None
+    return None, None, (), change
 
 
 # --- Debezium
@@ -330,6 +663,8 @@ def _key_id(msg: Any, required: bool) -> Any:
     """
     key = _as_bytes(_attr(msg, "key"))
     if not key:
+        if required:
+            raise _Reject(_SCHEMA, "no _id: no message key")
         return _MISSING
     try:
         obj = _schema_payload(key, "key")
@@ -368,15 +703,18 @@ def _debezium(msg: Any, value: bytes, p: dict) -> tuple[ChangeEvent, str | None]
         db = _str_field(source, "db", "payload.source")
         coll = _str_field(source, "collection", "payload.source")
     ts_ms = _opt_int(source, "ts_ms", "payload.source", None)
+    version = source.get("version")
     if ts_ms is None:
         sec = _opt_int(source, "sec", "payload.source", None)  # 0.x
         if sec is None:
             raise _Reject(_SCHEMA, "payload.source.ts_ms is missing")
-        ts_ms = sec * 1000
+        ts_ms, version = sec * 1000, "0.x"
     ord_ = _opt_int(source, "ord", "payload.source")
+    assert ord_ is not None
 
     updated: dict[str, Any] | None = None
     removed: tuple[str, ...] = ()
+    change: Update | None = None
     doc = None if op == "d" else _doc(p, "after", "payload.after")
     kind: Op
     if op == "d":
@@ -390,20 +728,18 @@ def _debezium(msg: Any, value: bytes, p: dict) -> tuple[ChangeEvent, str | None]
     else:
         ud = p.get("updateDescription")
         patch = p.get("patch")
+        before = _doc(p, "before", "payload.before")  # capture modes *_with_pre_image
         if ud is not None:
             if type(ud) is not dict:
                 raise _Reject(_SCHEMA, f"payload.updateDescription must be an object, not {_kind(ud)}")
-            upd = ud.get("updatedFields")
-            if upd is not None:
-                upd = _ext(upd, "payload.updateDescription.updatedFields")
-            updated, removed = _partial(
-                upd, ud.get("removedFields"), ud.get("truncatedArrays"), "payload.updateDescription"
-            )
+            doc, updated, removed, change = _update(ud, "payload.updateDescription", before)
             kind = "update"
         elif patch is not None:
             if type(patch) is not str and type(patch) is not dict:
                 raise _Reject(_SCHEMA, f"payload.patch must be an Extended JSON string, not {_kind(patch)}")
-            kind, doc, updated, removed = _legacy_patch(_ext(patch, "payload.patch"))
+            kind, doc, change = _legacy_patch(_ext(patch, "payload.patch"))
+            if change is not None:
+                doc, updated, removed, change = _applied(change, before, "payload.patch")
         else:
             raise _Reject(_SCHEMA, "update without payload.after, updateDescription or patch")
 
@@ -426,94 +762,138 @@ def _debezium(msg: Any, value: bytes, p: dict) -> tuple[ChangeEvent, str | None]
                 id_value = f["_id"]
         if id_value is _MISSING:
             raise _Reject(_SCHEMA, "no _id: not in the document, the message key or payload.filter")
-    ev = _event(msg, value, db, coll, id_value, kind, doc, ts_ms, ord_)
-    ev.updated, ev.removed = updated, removed
+    seq = debezium_seq(ts_ms, ord_, version)
+    ev = _event(msg, value, db, coll, id_value, kind, doc, ts_ms, ord_, seq=seq)
+    ev.updated, ev.removed, ev.change = updated, removed, change
     return ev, key_id
 
 
-def _legacy_patch(patch: Any) -> tuple[Op, dict | None, dict[str, Any] | None, tuple[str, ...]]:
+def _legacy_patch(patch: Any) -> tuple[Op, dict | None, Update | None]:
     """Debezium 1.x oplog `patch`: `$set`/`$unset` (oplog v1), a `diff` (oplog v2), or a replacement."""
     if type(patch) is not dict:
         raise _Reject(_SCHEMA, f"payload.patch must hold a document, not {_kind(patch)}")
     if not any(k[:1] == "$" for k in patch):
-        return "replace", patch, None, ()
+        return "replace", patch, None
     if "diff" in patch:
-        diff = patch["diff"]
         extra = [k for k in patch if k not in ("$v", "diff")]
-        if extra or type(diff) is not dict:
-            raise _Reject(_PARTIAL, f"payload.patch: unsupported oplog v2 update with keys {list(patch)[:8]}")
-        updated: dict[str, Any] = {}
-        removed: list[str] = []
-        for section, fields in diff.items():
-            if section in ("u", "i") and type(fields) is dict:
-                updated.update(fields)
-            elif section == "d" and type(fields) is dict:
-                removed.extend(fields)
-            else:
-                raise _Reject(
-                    _PARTIAL,
-                    f"payload.patch.diff.{section[:40]} changes a nested field: needs the full document",
-                )
-        u, r = _partial(updated, removed, None, "payload.patch")
-        return "update", None, u, r
+        if extra or type(patch["diff"]) is not dict:
+            raise _Reject(_SCHEMA, f"payload.patch: an oplog v2 update with keys {list(patch)[:8]}")
+        sets: list[tuple[tuple[str | int, ...], Any]] = []
+        unsets: list[tuple[str | int, ...]] = []
+        truncs: list[tuple[tuple[str | int, ...], int]] = []
+        _oplog_diff(patch["diff"], (), sets, unsets, truncs)
+        return "update", None, Update(tuple(sets), tuple(unsets), tuple(truncs))
     unsupported = [k for k in patch if k not in ("$v", "$set", "$unset")]
     if unsupported:
-        raise _Reject(_PARTIAL, f"payload.patch uses {unsupported[:5]}: only $set and $unset can be applied")
-    set_, unset = patch.get("$set"), patch.get("$unset")
-    if unset is not None and type(unset) is not dict:
-        raise _Reject(_SCHEMA, f"payload.patch.$unset must be a document, not {_kind(unset)}")
-    u, r = _partial(set_, list(unset or ()), None, "payload.patch")
-    return "update", None, u, r
+        raise _Reject(
+            _PARTIAL, f"payload.patch uses {unsupported[:5]}: only $set and $unset are oplog updates"
+        )
+    set_, unset = patch.get("$set") or {}, patch.get("$unset") or {}
+    if type(set_) is not dict or type(unset) is not dict:
+        raise _Reject(_SCHEMA, "payload.patch.$set and $unset must be documents")
+    try:
+        return "update", None, Update.parse(set_, list(unset))
+    except UpdateError as e:
+        raise _Reject(_SCHEMA, f"payload.patch: {e}") from None
+
+
+def _oplog_diff(
+    diff: dict,
+    at: tuple[str | int, ...],
+    sets: list[tuple[tuple[str | int, ...], Any]],
+    unsets: list[tuple[str | int, ...]],
+    truncs: list[tuple[tuple[str | int, ...], int]],
+) -> None:
+    """An oplog v2 (`$v: 2`) diff: `u`/`i` set, `d` unset, `s<field>` a sub-diff, `a: true` an array diff."""
+    if diff.get("a") is True:  # array: `l` new length, `u<n>` set element, `s<n>` sub-diff of element
+        for k, v in diff.items():
+            if k == "a":
+                continue
+            if k == "l" and type(v) is int and v >= 0:
+                truncs.append((at, v))
+            elif k[:1] in ("u", "s") and k[1:].isdigit():
+                path = (*at, int(k[1:]))
+                if k[0] == "u":
+                    sets.append((path, v))
+                elif type(v) is dict:
+                    _oplog_diff(v, path, sets, unsets, truncs)
+                else:
+                    raise _Reject(_SCHEMA, f"payload.patch.diff: {k} must hold a diff")
+            else:
+                raise _Reject(_SCHEMA, f"payload.patch.diff: unknown array diff entry {k[:40]!r}")
+        return
+    for section, fields in diff.items():
+        if section in ("u", "i") and type(fields) is dict:
+            sets.extend(((*at, name), v) for name, v in fields.items())
+        elif section == "d" and type(fields) is dict:
+            unsets.extend((*at, name) for name in fields)
+        elif section[:1] == "s" and len(section) > 1 and type(fields) is dict:
+            _oplog_diff(fields, (*at, section[1:]), sets, unsets, truncs)
+        else:
+            raise _Reject(_SCHEMA, f"payload.patch.diff: unknown diff section {section[:40]!r}")
 
 
 # --- MongoDB Kafka source connector
 
 
-def _change_stream(msg: Any, value: bytes, d: dict) -> tuple[ChangeEvent, str | None]:
+def _change_stream(msg: Any, value: bytes, d: dict) -> tuple[ChangeEvent | Skipped, str | None]:
     ot = d.get("operationType")
     if type(ot) is not str:
         raise _Reject(_SCHEMA, f"operationType must be a string, not {_kind(ot)}")
-    op = _STREAM_OPS.get(ot)
-    if op is None:
-        raise _Reject(
-            _SCHEMA,
-            f"operationType {ot[:40]!r} is not a document change (only insert, update, replace, delete apply)",
+    if ot == "invalidate":
+        log.warning(
+            "change stream invalidated (a drop, rename or dropDatabase of what the connector watches): "
+            "the connector must be restarted to capture more",
+            extra={"topic": _attr(msg, "topic")},
         )
+        return INVALIDATE, None
+    if ot in _STREAM_DDL:
+        return DDL, None
+    op: Op | None = _STREAM_OPS.get(ot)
+    if op is None and ot not in ("drop", "rename", "dropDatabase"):
+        raise _Reject(_SCHEMA, f"operationType {ot[:40]!r} is not a change this pipeline knows")
     ns = d.get("ns")
     if type(ns) is not dict:
         raise _Reject(_SCHEMA, f"ns is {'missing' if ns is None else _kind(ns)}")
     db = _str_field(ns, "db", "ns")
-    coll = _str_field(ns, "coll", "ns")
-
     ct = d.get("clusterTime")
+    seq: int | None
     if ct is None:
-        ts_ms, ord_ = _msg_ts_ms(msg), 0
+        ts_ms, ord_, seq = _msg_ts_ms(msg), 0, None
     else:
         ts = _ext(ct, "clusterTime") if type(ct) in (str, dict) else ct
         if type(ts) is not BsonTimestamp:
             raise _Reject(_SCHEMA, f"clusterTime must be a $timestamp, not {_kind(ct)}")
         ts_ms, ord_ = ts.t * 1000, ts.i
+        seq = cluster_seq(ts.t, ts.i)
+    if op is None:  # drop, rename, dropDatabase: the whole collection (or database)
+        coll = "" if ot == "dropDatabase" else _str_field(ns, "coll", "ns")
+        ev = _event(
+            msg, value, db, coll, _NO_ID, "rename" if ot == "rename" else "drop", None, ts_ms, ord_, seq=seq
+        )
+        if ot == "rename":
+            to = d.get("to")
+            if type(to) is not dict:
+                raise _Reject(_SCHEMA, "rename without `to`")
+            ev.target = (_str_field(to, "db", "to"), _str_field(to, "coll", "to"))
+        return ev, None
+    coll = _str_field(ns, "coll", "ns")
 
     doc = None if op == "delete" else _doc(d, "fullDocument", "fullDocument")
     dk = _doc(d, "documentKey", "documentKey")
     updated: dict[str, Any] | None = None
     removed: tuple[str, ...] = ()
+    change: Update | None = None
     if op in ("insert", "replace") and doc is None:
         raise _Reject(_SCHEMA, f"{ot} without fullDocument")
     if op == "update" and doc is None:
         ud = d.get("updateDescription")
+        if type(ud) is str:  # schema output
+            ud = _ext(ud, "updateDescription")
         if type(ud) is not dict:
             raise _Reject(_SCHEMA, "update without fullDocument or updateDescription")
-        upd = ud.get("updatedFields")
-        if upd is not None:
-            upd = _ext(upd, "updateDescription.updatedFields")
-        updated, removed = _partial(
-            upd,
-            ud.get("removedFields"),
-            ud.get("truncatedArrays"),
-            "updateDescription",
-            ud.get("disambiguatedPaths"),
-        )
+        before = _doc(d, "fullDocumentBeforeChange", "fullDocumentBeforeChange")
+        doc, updated, removed, change = _update(ud, "updateDescription", before)
 
     key_id: str | None = None
     if dk is not None and "_id" in dk:
@@ -525,20 +905,6 @@ def _change_stream(msg: Any, value: bytes, d: dict) -> tuple[ChangeEvent, str | 
         id_value = doc["_id"]
     else:
         raise _Reject(_SCHEMA, "no _id: documentKey._id is missing")
-    ev = _event(msg, value, db, coll, id_value, op, doc, ts_ms, ord_)
-    ev.updated, ev.removed = updated, removed
+    ev = _event(msg, value, db, coll, id_value, op, doc, ts_ms, ord_, seq=seq)
+    ev.updated, ev.removed, ev.change = updated, removed, change
     return ev, key_id
-
-
-def _full_document(msg: Any, value: bytes, d: dict) -> tuple[ChangeEvent, str | None]:
-    topic = _attr(msg, "topic")
-    parts = topic.split(".") if type(topic) is str else []
-    if len(parts) < 2:
-        raise _Reject(
-            _SCHEMA, f"bare document on topic {topic!r}: need <prefix>.<db>.<collection> to name the table"
-        )
-    # The bare document is the top-level object: skip the walk when no wrapper can be in it.
-    doc = extjson.decode(d) if (b'"$' in value or b"\\u0024" in value) else d
-    if type(doc) is not dict:
-        raise _Reject(_SCHEMA, f"value must be a document, not {_kind(doc)}")
-    return _event(msg, value, parts[-2], parts[-1], doc["_id"], "replace", doc, _msg_ts_ms(msg), 0), None

@@ -31,6 +31,7 @@ Decisions where the Extended JSON spec leaves room:
 from __future__ import annotations
 
 import base64
+import json
 import re
 import reprlib
 import uuid
@@ -42,7 +43,7 @@ import orjson
 from dataflow import speedups
 from dataflow.model import BsonTimestamp
 
-__all__ = ["InvalidBson", "decode", "id_text", "loads"]
+__all__ = ["InvalidBson", "decode", "id_text", "loads", "parse_json"]
 
 _HEX = "0123456789abcdefABCDEF"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -390,9 +391,33 @@ def decode(value: Any, *, path: str = "") -> Any:
     return value
 
 
+def parse_json(text: str | bytes | memoryview) -> Any:
+    """orjson's parse, also taking the bare `NaN`, `Infinity` and `-Infinity` literals as floats.
+
+    MongoDB's legacy JSON writers (the Kafka connector's default, Debezium's
+    legacy mode) print non-finite doubles that way. Only text orjson refuses and
+    that holds one of those words takes the slow path, and it must then be
+    exactly what orjson accepts besides them (no lone surrogates, no integer
+    past 64 bits), checked by writing the result back out with orjson.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+        if b"NaN" not in raw and b"Infinity" not in raw:
+            raise
+        refused = e
+    try:
+        value = json.loads(raw.decode("utf-8"))
+        orjson.dumps(value)
+    except (ValueError, RecursionError, orjson.JSONEncodeError):
+        raise refused from None
+    return value
+
+
 def loads(text: str | bytes, *, path: str = "") -> Any:
     """Parse Extended JSON text. Raises orjson.JSONDecodeError (a ValueError) or InvalidBson."""
-    value = orjson.loads(text)
+    value = parse_json(text)
     if type(value) is not dict and type(value) is not list:
         return value
     if speedups.native is not None:  # walking a document without wrappers costs less than searching it

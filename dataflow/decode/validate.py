@@ -10,9 +10,9 @@ from collections.abc import Iterable
 
 from dataflow import speedups
 from dataflow.decode.extjson import id_text
-from dataflow.model import ChangeEvent
+from dataflow.model import DDL_OPS, ChangeEvent
 
-_OPS = frozenset({"insert", "update", "replace", "delete"})
+_OPS = frozenset({"insert", "update", "replace", "delete", "drop", "rename"})
 _BAD_DB_CHARS = frozenset('/\\. "$\x00')  # MongoDB refuses these in database names
 MAX_SECONDS = 2**32 - 1  # ChangeEvent.seq packs seconds << 31 into an int64 (BSON t is uint32)
 MAX_ORD = 0x7FFFFFFF  # ... and the ordinal within the second into the low 31 bits
@@ -45,25 +45,38 @@ def check_field_names(names: Iterable[str]) -> str | None:
     return None
 
 
+def _check_ddl(ev: ChangeEvent) -> str | None:
+    err = check_namespace(ev.db, ev.collection or "-")  # no collection: a dropDatabase
+    if err:
+        return err
+    if ev.target is not None:
+        err = check_namespace(*ev.target)
+        if err:
+            return f"rename target: {err}"
+    return None
+
+
 def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
     """Error text if `ev` cannot be applied, else None.
 
     `key_id` is the `_id` text the message key (or change-stream documentKey)
     carried, when it differs in origin from the one in `ev.doc`; they must agree.
     """
-    if not ev.id:
-        return "empty _id"
-    if key_id is not None and key_id != ev.id:
-        return f"key _id {key_id!r} disagrees with document _id {ev.id!r}"
-    if ev.op not in _OPS:
-        return f"unknown op {ev.op!r}"
-    err = check_namespace(ev.db, ev.collection)
-    if err:
-        return err
     if ev.ts_ms < 0 or ev.ts_ms // 1000 > MAX_SECONDS:
         return f"ts_ms {ev.ts_ms} cannot be sequenced (must be 0 <= seconds < 2**32)"
     if not 0 <= ev.ord <= MAX_ORD:
         return f"ord {ev.ord} is outside 0..2**31-1"
+    if ev.op in DDL_OPS:
+        return _check_ddl(ev)
+    if not ev.id:
+        return "empty _id"
+    if key_id is not None and key_id != ev.id:
+        return f"key _id {key_id!r} disagrees with document _id {ev.id!r}"
+    if ev.op not in _OPS:  # pragma: no cover - the decoder makes only these
+        return f"unknown op {ev.op!r}"
+    err = check_namespace(ev.db, ev.collection)
+    if err:
+        return err
     doc = ev.doc
     if doc is not None:
         if "_id" not in doc:
@@ -75,6 +88,9 @@ def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
         return None
     if ev.op != "update":
         return f"{ev.op} without a document"
+    if ev.change is not None:
+        fields = ev.change.fields()
+        return "update changes _id" if "_id" in fields else check_field_names(fields)
     updated = ev.updated if ev.updated is not None else {}
     removed = ev.removed
     err = check_field_names(updated) or check_field_names(removed)

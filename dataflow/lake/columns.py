@@ -5,7 +5,7 @@ and a string or a sub-document in the next. The rules, applied per field:
 
 * a new column takes the natural type of the values in its first batch
   (`str` string, `int` int64, `float` or int+float float64, `bool` bool,
-  `datetime` timestamp[us, UTC], `bytes` binary, `BsonTimestamp`
+  `datetime` timestamp[us, UTC], `date` date, `bytes` binary, `BsonTimestamp`
   struct<t:int64, i:int64>); dicts, lists and any other mix are JSON text;
 * an existing column never changes type (Delta cannot retype a column in
   place). Values that don't fit it (a float in an int64 column, an int in a
@@ -28,7 +28,7 @@ import base64
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import orjson
@@ -38,7 +38,7 @@ from dataflow import speedups
 from dataflow.model import BsonTimestamp, Reason
 from dataflow.runtime.failures import BadData
 
-Kind = Literal["string", "int64", "float64", "bool", "timestamp", "binary", "bsonts", "json", "other"]
+Kind = Literal["string", "int64", "float64", "bool", "timestamp", "date", "binary", "bsonts", "json", "other"]
 Role = Literal["value", "json_fallback", "meta"]
 
 BSON_TIMESTAMP = pa.struct([pa.field("t", pa.int64()), pa.field("i", pa.int64())])
@@ -52,6 +52,7 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "float64": pa.float64(),
     "bool": pa.bool_(),
     "timestamp": TIMESTAMP_UTC,
+    "date": pa.date32(),  # a Kafka Connect Date in a schema-wrapped record; BSON has none
     "binary": pa.binary(),
     "bsonts": BSON_TIMESTAMP,
     "json": pa.string(),
@@ -63,7 +64,7 @@ ACCEPTS: dict[str, frozenset[str]] = {
     "float64": frozenset({"int64", "float64"}),
     "json": frozenset(ARROW_TYPES),
     "other": frozenset(),
-    **{k: frozenset({k}) for k in ("string", "bool", "timestamp", "binary", "bsonts")},
+    **{k: frozenset({k}) for k in ("string", "bool", "timestamp", "date", "binary", "bsonts")},
 }
 
 _KIND_OF_TYPE: dict[type, str | None] = {
@@ -73,6 +74,7 @@ _KIND_OF_TYPE: dict[type, str | None] = {
     float: "float64",
     bool: "bool",
     datetime: "timestamp",
+    date: "date",
     bytes: "binary",
     BsonTimestamp: "bsonts",
     dict: "json",
@@ -94,6 +96,7 @@ def kind_of(t: type) -> str | None:
         (float, "float64"),
         (str, "string"),
         (datetime, "timestamp"),
+        (date, "date"),
         (bytes, "binary"),
         (BsonTimestamp, "bsonts"),
     ):
@@ -126,6 +129,8 @@ def _iso(d: datetime) -> str:
 def _json_default(o: Any) -> Any:
     if isinstance(o, datetime):
         return {"$date": _iso(o)}
+    if isinstance(o, date):
+        return {"$date": _iso(datetime(o.year, o.month, o.day, tzinfo=UTC))}
     if isinstance(o, BsonTimestamp):
         return {"$timestamp": {"t": o.t, "i": o.i}}
     if isinstance(o, bytes | bytearray | memoryview):
@@ -241,6 +246,13 @@ class Layout:
             n += 1
             name = f"{base}__{n}"
         return name
+
+    def missing(self, meta: Iterable[Column]) -> list[Column]:
+        """Pipeline columns a table made by an older version lacks: added like new fields."""
+        new = [c for c in meta if c.name.lower() not in self._taken]
+        for c in new:
+            self._add(c)
+        return new
 
     def plan(self, kinds: Mapping[str, frozenset[str]]) -> list[Column]:
         """Add the columns this batch needs (new fields, first drift of a field); return them."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
@@ -51,6 +51,17 @@ def _list_s3(lake_uri: str, storage_options: dict[str, str]) -> list[str]:
         for t in tables
         if any(True for _ in client.list_objects(bucket, prefix=f"{t}_delta_log/"))
     )
+
+
+def collections_in(lake_uri: str, db: str, storage_options: dict[str, str] | None = None) -> list[str]:
+    """The collections of database `db` that have a table in the lake (for a dropDatabase)."""
+    base = lake_uri.rstrip("/")
+    out = []
+    for uri in list_tables(lake_uri, storage_options):
+        head, _, coll = uri[len(base) :].strip("/").partition("/")
+        if head != CHANGELOG_DIR and unquote(head) == db and coll:
+            out.append(unquote(coll))
+    return out
 
 
 def twin_of(uri: str, lake_uri: str) -> str:

@@ -16,21 +16,26 @@ row per event with its source coordinates. Type decisions: `dataflow.lake.column
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Field, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
+from dataflow.decode.updates import Update
 from dataflow.lake.columns import (
     Column,
     Layout,
     build_arrays,
     field_columns,
+    json_array,
 )
-from dataflow.model import ChangeEvent
+from dataflow.lake.documents import read_documents
+from dataflow.model import DDL_OPS, ChangeEvent
 from dataflow.runtime.failures import ConfigError, Kind, Unavailable, classify
 
 Mode = Literal["merge", "append"]
@@ -48,6 +53,8 @@ _APPEND_META = (
     Column("_source_partition", "int64", "meta"),
     Column("_source_offset", "int64", "meta"),
     Column("_removed", "other", "meta", arrow_type=pa.list_(pa.string())),
+    # JSON text: an update reaching inside fields (`Update.to_json`), or a rename's target
+    Column("_change", "json", "meta"),
 )
 _NO_FIELDS: dict[str, Any] = {}
 _MODE_KEY = "cdc.mode"  # table property recording the writer mode
@@ -80,7 +87,7 @@ class _Row:
     id: str
     action: Literal["upsert", "patch", "delete"]
     values: dict[str, Any] | None  # upsert: the whole doc; patch: fields set (removed ones as None)
-    seq: int
+    seq: int | None
     op: str
     ts_ms: int
 
@@ -109,21 +116,58 @@ def _patch_values(e: ChangeEvent) -> dict[str, Any]:
     return vals
 
 
-def _row(e: ChangeEvent) -> _Row:
+Stored = Callable[[str], dict[str, Any]]  # an `_id`'s stored fields (those nested updates touch)
+
+
+def _no_store(_id: str) -> dict[str, Any]:
+    return {}
+
+
+def _apply_nested(row: _Row, change: Update, stored: Stored) -> None:
+    """Fold an update that reaches inside fields into the row: onto its document, or its patch."""
+    if row.action == "upsert":
+        row.values = change.apply(row.values or {})
+        return
+    if row.action == "delete":  # the document is gone: the update makes one of just its fields
+        row.action, row.values = "upsert", change.apply({})
+        return
+    values = row.values if row.values is not None else {}
+    base = stored(row.id)
+    doc = {}
+    for f in change.fields():
+        v = values[f] if f in values else base.get(f)
+        if v is not None:
+            doc[f] = v
+    after = change.apply(doc)
+    for f in change.fields():
+        values[f] = after.get(f)
+    row.values = values
+
+
+def _row(e: ChangeEvent, stored: Stored) -> _Row:
     if e.op == "delete":
         return _Row(e.id, "delete", None, e.seq, e.op, e.ts_ms)
     if e.is_partial:
-        return _Row(e.id, "patch", _patch_values(e), e.seq, e.op, e.ts_ms)
+        row = _Row(e.id, "patch", _patch_values(e), e.seq, e.op, e.ts_ms)
+        if e.change is not None:
+            _apply_nested(row, e.change, stored)
+        return row
     return _Row(e.id, "upsert", e.doc or {}, e.seq, e.op, e.ts_ms)
 
 
-def collapse(events: Iterable[ChangeEvent]) -> list[_Row]:
+def _order(e: ChangeEvent) -> tuple[int, int, int]:
+    return (-1 if e.seq is None else e.seq, e.offset, e.partition)
+
+
+def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[_Row]:
     """One row per `_id` with the net effect of its events, as delta-rs MERGE needs.
 
     Order per id: by offset when all its events come from one partition (Kafka
     order is the truth), else by (seq, offset, partition). A partial update
     folds into an earlier full doc, combines with earlier partial updates, and
-    after a delete becomes a doc made of just its fields.
+    after a delete becomes a doc made of just its fields. An update that
+    reaches inside a field applies to the field's value as the batch left it,
+    or as `stored(id)` holds it.
     """
     groups: dict[str, list[ChangeEvent]] = {}
     for e in events:
@@ -135,13 +179,13 @@ def collapse(events: Iterable[ChangeEvent]) -> list[_Row]:
     rows = []
     for evs in groups.values():
         if len(evs) == 1:
-            rows.append(_row(evs[0]))
+            rows.append(_row(evs[0], stored))
             continue
         if len({e.partition for e in evs}) == 1:
             evs.sort(key=lambda e: e.offset)
         else:
-            evs.sort(key=lambda e: (e.seq, e.offset, e.partition))
-        row = _row(evs[0])
+            evs.sort(key=_order)
+        row = _row(evs[0], stored)
         if row.values is not None:
             row.values = dict(row.values)
         for e in evs[1:]:
@@ -151,12 +195,35 @@ def collapse(events: Iterable[ChangeEvent]) -> list[_Row]:
                 row.action, row.values = "upsert", dict(e.doc or _NO_FIELDS)
             elif row.values is None:  # patch after delete: the doc is just these fields
                 row.action, row.values = "upsert", _patch_values(e)
+                if e.change is not None:
+                    row.values = e.change.apply(row.values)
+            elif e.change is not None:
+                _apply_nested(row, e.change, stored)
             else:  # onto a patch it combines, onto a full doc it folds in
                 row.values.update(_patch_values(e))
-            row.seq = max(row.seq, e.seq)
+            if e.seq is not None and (row.seq is None or e.seq > row.seq):
+                row.seq = e.seq
             row.op, row.ts_ms = e.op, e.ts_ms
         rows.append(row)
     return rows
+
+
+def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
+    """What the changelog's `_change` column says of an event (None for most)."""
+    if e.change is not None:
+        return e.change.to_json()
+    if e.op == "rename" and e.target is not None:
+        return {"to": {"db": e.target[0], "coll": e.target[1]}}
+    return None
+
+
+def _before(e: ChangeEvent, ddl: ChangeEvent) -> bool:
+    """Whether `e` happened before the collection-wide change `ddl`."""
+    if e.topic == ddl.topic and e.partition == ddl.partition:
+        return e.offset < ddl.offset
+    if e.seq is not None and ddl.seq is not None:
+        return e.seq < ddl.seq
+    return e.ts_ms < ddl.ts_ms
 
 
 class DeltaTableWriter:
@@ -171,6 +238,7 @@ class DeltaTableWriter:
         storage_options: dict[str, str] | None = None,
         checkpoint_interval: int = 100,
         writer_properties: WriterProperties | None = WRITER_PROPERTIES,
+        table_of: Callable[[str, str], DeltaTableWriter] | None = None,
     ) -> None:
         if mode not in ("merge", "append"):
             raise ValueError(f"mode must be 'merge' or 'append', not {mode!r}")
@@ -182,6 +250,7 @@ class DeltaTableWriter:
         self._writer_properties = writer_properties
         self._meta = {c.name: c for c in (_MERGE_META if mode == "merge" else _APPEND_META)}
         self._dt: DeltaTable | None = None
+        self._table_of = table_of  # the merge-mode writer of another collection: a rename's target
 
     def app_id(self, topic: str, partition: int) -> str:
         """The Delta txn app id under which a source partition's offsets are recorded."""
@@ -237,12 +306,106 @@ class DeltaTableWriter:
 
         Raises what delta-rs raised when a commit failed and did not land.
         """
+        if self.mode == "merge" and any(e.op in DDL_OPS for e in events):
+            return self._write_with_ddl(events)
         prepared = self._prepare(events)
         if isinstance(prepared, WriteResult):
             return prepared
         return self._commit(prepared)
 
-    def _prepare(self, events: list[ChangeEvent]) -> _Prepared | WriteResult:
+    def _write_with_ddl(self, events: list[ChangeEvent]) -> WriteResult:
+        """A merge-mode batch holding drops or renames: the events before each, the change, the rest.
+
+        Only the last commit records the batch's offsets. A crash before it
+        replays the whole batch, which is safe: every step is idempotent (upserts
+        and patches guarded by `_seq`, the drop a delete of what is older than it).
+        """
+        dt = self._refresh()
+        sources = {(e.topic, e.partition) for e in events}
+        done = self._recorded(dt, sources)
+        fresh = [e for e in events if e.offset > done.get((e.topic, e.partition), -1)]
+        if not fresh:
+            return WriteResult(len(events), len(events), 0, None if dt is None else dt.version())
+        ddls = sorted((e for e in fresh if e.op in DDL_OPS), key=_order)
+        segments: list[list[ChangeEvent]] = [[] for _ in range(len(ddls) + 1)]
+        for e in fresh:
+            if e.op not in DDL_OPS:
+                segments[sum(1 for d in ddls if not _before(e, d))].append(e)
+        written = 0
+        for seg, ddl in zip(segments, ddls, strict=False):
+            if seg:
+                prepared = self._prepare(seg, record=False)
+                if not isinstance(prepared, WriteResult):
+                    self._commit(prepared, record=False)
+                    written += prepared.rows
+            self._apply_ddl(ddl)
+        offsets: dict[Source, int] = {}
+        for e in fresh:
+            if e.offset > offsets.get((e.topic, e.partition), -1):
+                offsets[(e.topic, e.partition)] = e.offset
+        last = self._prepare(segments[-1], record=False) if segments[-1] else None
+        if isinstance(last, _Prepared):
+            last.offsets, last.events, last.skipped = offsets, len(events), len(events) - len(fresh)
+            result = self._commit(last)
+            return dataclasses.replace(result, rows_written=result.rows_written + written)
+        dt = self._refresh()
+        assert dt is not None or not offsets
+        self._record_only(offsets)
+        return WriteResult(
+            len(events), len(events) - len(fresh), written, self.version, committed=True, offsets=offsets
+        )
+
+    def _ddl_predicate(self, ddl: ChangeEvent) -> str:
+        """The rows a drop or rename at `ddl` takes: those last changed before it."""
+        if ddl.seq is None:
+            return "true"
+        return f"`_seq` IS NULL OR `_seq` < {ddl.seq}"
+
+    def _apply_ddl(self, ddl: ChangeEvent) -> None:
+        dt = self._refresh()
+        if dt is None:
+            return
+        predicate = self._ddl_predicate(ddl)
+        if ddl.op == "rename" and ddl.target is not None and self._table_of is not None:
+            layout = self._layout(dt)
+            where = None if ddl.seq is None else (pc.field("_seq").is_null() | (pc.field("_seq") < ddl.seq))
+            docs = read_documents(dt, layout, where=where, meta=("_seq", "_ts"))
+            target = self._table_of(*ddl.target)
+            moved = [
+                ChangeEvent(
+                    db=ddl.target[0],
+                    collection=ddl.target[1],
+                    id=i,
+                    op="replace",
+                    doc={k: v for k, v in d.items() if k not in ("_seq", "_ts")},
+                    ts_ms=ddl.ts_ms,
+                    ord=0,
+                    topic=f"rename:{self.uri}",
+                    partition=0,
+                    offset=n,
+                    size=0,
+                    seq=d["_seq"],
+                )
+                for n, (i, d) in enumerate(docs.items())
+            ]
+            if moved:
+                prepared = target._prepare(moved, record=False)
+                if not isinstance(prepared, WriteResult):
+                    target._commit(prepared, record=False)
+        dt.delete(predicate, writer_properties=self._writer_properties)
+
+    def _record_only(self, offsets: dict[Source, int]) -> None:
+        """A commit with no rows: the txn actions alone (a batch whose changes are all applied)."""
+        dt = self._refresh()
+        if dt is None or not offsets:
+            return
+        cp = CommitProperties(
+            app_transactions=[Transaction(self.app_id(*src), off) for src, off in offsets.items()]
+        )
+        schema = pa.schema(dt.schema().to_arrow())
+        write_deltalake(dt, schema.empty_table(), mode="append", commit_properties=cp)
+
+    def _prepare(self, events: list[ChangeEvent], *, record: bool = True) -> _Prepared | WriteResult:
         """Refresh, drop what is committed, collapse, evolve the schema, build the Arrow source.
 
         The txn check must be made on the very table version the data commit
@@ -272,8 +435,9 @@ class DeltaTableWriter:
             if not fresh:
                 return WriteResult(len(events), skipped, 0, None if dt is None else dt.version())
 
+            layout = self._layout(dt)
             if self.mode == "merge":
-                rows: list[Any] = collapse(fresh)
+                rows: list[Any] = collapse(fresh, self._stored(dt, layout, fresh))
                 docs = [r.values or _NO_FIELDS for r in rows]
             else:
                 rows = fresh
@@ -281,8 +445,7 @@ class DeltaTableWriter:
             n = len(rows)
             values, kinds = field_columns(docs)
 
-            layout = self._layout(dt)
-            new = layout.plan(kinds)
+            new = layout.plan(kinds) + layout.missing(self._meta.values())
             if new or dt is None:
                 try:
                     self._add_columns(dt, layout, new)
@@ -301,7 +464,7 @@ class DeltaTableWriter:
                 events=len(events),
                 skipped=skipped,
                 rows=n,
-                offsets=offsets,
+                offsets=offsets if record else {},
                 source=pa.Table.from_arrays(columns, schema=schema),
                 schema=schema,
                 new_columns=added,
@@ -312,6 +475,17 @@ class DeltaTableWriter:
         raise Unavailable(
             f"the schema of {self.uri} kept changing under a rival writer; the batch is retried"
         )
+
+    def _stored(self, dt: DeltaTable | None, layout: Layout, events: list[ChangeEvent]) -> Stored:
+        """The stored fields that this batch's updates inside fields start from, read in one scan."""
+        nested = [e for e in events if e.change is not None]
+        if not nested or dt is None:
+            return _no_store
+        fields: set[str] = set()
+        for e in nested:
+            fields |= e.change.fields()
+        docs = read_documents(dt, layout, ids={e.id for e in nested}, fields=fields)
+        return lambda i: docs.get(i, _NO_FIELDS)
 
     def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> None:
         """Record new columns, with their type decisions as field metadata, in one commit."""
@@ -332,7 +506,7 @@ class DeltaTableWriter:
 
     def _meta_arrays(self, rows: list[Any]) -> dict[str, pa.Array]:
         out = {
-            "_id": pa.array([r.id for r in rows], pa.string()),
+            "_id": pa.array([r.id or None for r in rows], pa.string()),  # none for a drop or rename
             "_seq": pa.array([r.seq for r in rows], pa.int64()),
             "_op": pa.array([r.op for r in rows], pa.string()),
             "_ts": pa.array([r.ts_ms * 1000 for r in rows], pa.int64()).cast(self._meta["_ts"].type),
@@ -342,8 +516,10 @@ class DeltaTableWriter:
             out["_source_partition"] = pa.array([e.partition for e in rows], pa.int64())
             out["_source_offset"] = pa.array([e.offset for e in rows], pa.int64())
             out["_removed"] = pa.array(
-                [list(e.removed) if e.is_partial else None for e in rows], pa.list_(pa.string())
+                [list(e.removed) if e.is_partial and e.change is None else None for e in rows],
+                pa.list_(pa.string()),
             )
+            out["_change"] = json_array([_change_of(e) for e in rows])
         return out
 
     def _merge_source(self, prepared: _Prepared, layout: Layout, rows: list[_Row]) -> None:
@@ -389,8 +565,12 @@ class DeltaTableWriter:
             "action": _q(action),
         }
 
-    def _commit(self, prepared: _Prepared) -> WriteResult:
-        """One commit with the txn actions; on error, decide from the txn versions whether it landed."""
+    def _commit(self, prepared: _Prepared, *, record: bool = True) -> WriteResult:
+        """One commit with the txn actions; on error, decide from the txn versions whether it landed.
+
+        Without `record`, the commit carries no txn actions (a step of a batch
+        whose last commit records it), and an error is simply raised.
+        """
         dt = self._dt
         assert dt is not None
         cp = CommitProperties(
@@ -408,12 +588,12 @@ class DeltaTableWriter:
             else:
                 before = dt.version()
                 self._execute_merge(dt, prepared, cp)
-                if dt.version() == before:
+                if dt.version() == before and prepared.offsets:
                     # delta-rs makes no commit for a MERGE that changes nothing (all events
                     # stale): record the offsets with an empty append instead.
                     write_deltalake(dt, prepared.schema.empty_table(), mode="append", commit_properties=cp)
         except Exception:
-            if not self._landed(prepared.offsets):
+            if not record or not self._landed(prepared.offsets):
                 raise
             resolved = True
         else:

@@ -17,7 +17,11 @@ _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 # Input and parsing
 EVENTS_IN = Counter("cdc_events_in_total", "Messages read from Kafka, by topic", ["topic"])
-TOMBSTONES = Counter("cdc_tombstones_total", "Delete tombstones (null values) skipped, by topic", ["topic"])
+SKIPPED = Counter(
+    "cdc_messages_skipped_total",
+    "Messages that are not changes to apply (tombstone, transaction, invalidate, ddl), by topic and kind",
+    ["topic", "kind"],
+)
 EVENTS_PARSED = Counter("cdc_events_parsed_total", "Change events decoded, by table and op", ["table", "op"])
 EVENTS_OUT = Counter(
     "cdc_events_out_total", "Change events committed to Delta, by table and op", ["table", "op"]

@@ -10,6 +10,7 @@ fails at once instead of half-way through.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, PydanticUseDefault
 
 from dataflow.batch.tables import BatchLimits
+from dataflow.decode.envelopes import Decoder
+from dataflow.decode.formats import Format, TopicTables
 from dataflow.dlq.writer import DLQConfig
 from dataflow.lake.layout import TableLocations, TableMode
 from dataflow.runtime.failures import ConfigError
@@ -95,6 +98,23 @@ def _comma_list(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(t.strip() for t in value.split(",") if t.strip())
     return value
+
+
+def _json_map(value: Any) -> Any:
+    """`CDC_TOPIC_TABLES`: a JSON object of topic -> "<db>.<collection>"."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise _bad(f'is not a JSON object {{"<topic>": "<db>.<collection>"}}: {e}') from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+        raise _bad('must be a JSON object {"<topic>": "<db>.<collection>"}')
+    for topic, table in parsed.items():
+        db, dot, coll = table.partition(".")
+        if not (db and dot and coll):
+            raise _bad(f"maps {topic!r} to {table!r}, which is not <db>.<collection>")
+    return parsed
 
 
 def _off_is_none(value: Any) -> Any:
@@ -188,6 +208,11 @@ class Settings(BaseModel):
         "CDC_TOPIC_PATTERN", default=None, validate_default=True
     )
     table_mode: TableMode = _var("CDC_TABLE_MODE", default="merge")
+    format: Annotated[Format, BeforeValidator(_lower), DEFAULT] = _var("CDC_FORMAT", default=Format.AUTO)
+    topic_tables: Annotated[dict[str, str], BeforeValidator(_json_map), DEFAULT] = _var(
+        "CDC_TOPIC_TABLES", default_factory=dict
+    )
+    topic_table_regex: Annotated[str | None, DEFAULT] = _var("CDC_TOPIC_TABLE_REGEX", default=None)
     start_from: StartFrom = _var("CDC_START_FROM", default="delta")
     # Filled by from_env from AWS_* and CDC_STORAGE_* for an s3:// lake; never shown.
     storage_options: dict[str, str] = Field(default_factory=dict, repr=False)
@@ -263,6 +288,18 @@ class Settings(BaseModel):
                 re.compile(pattern)
             except re.error as e:
                 raise _bad(f"is not a valid regex: {e}") from None
+        return pattern
+
+    @field_validator("topic_table_regex")
+    @classmethod
+    def _regex_names_the_table(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise _bad(f"is not a valid regex: {e}") from None
+            if not {"db", "collection"} <= set(regex.groupindex):
+                raise _bad("needs the named groups (?P<db>...) and (?P<collection>...)")
         return pattern
 
     @field_validator("lake_uri")
@@ -367,6 +404,14 @@ class Settings(BaseModel):
             client_config=dict(self.kafka_config),
             start_from=self.start_from,
             stop_at_end=self.stop_at_end,
+        )
+
+    @property
+    def decoder(self) -> Decoder:
+        return Decoder(
+            format=self.format,
+            tables=TopicTables(dict(self.topic_tables), self.topic_table_regex),
+            max_bytes=self.max_document_bytes,
         )
 
     @property

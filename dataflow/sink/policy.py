@@ -73,13 +73,17 @@ class CommitPolicy:
         self.next_lag_check = 0.0
 
     def writer(self, ev: ChangeEvent, mode: str) -> DeltaTableWriter:
-        key = (ev.table, mode)
+        return self.writer_of(ev.db, ev.collection, mode)
+
+    def writer_of(self, db: str, collection: str, mode: str) -> DeltaTableWriter:
+        key = (f"{db}.{collection}", mode)
         if key not in self.writers:
             self.writers[key] = DeltaTableWriter(
-                self.tables.uri(ev.db, ev.collection, mode),
+                self.tables.uri(db, collection, mode),
                 mode=mode,  # type: ignore[arg-type]
                 pipeline=self.pipeline,
                 storage_options=self.storage_options,
+                table_of=lambda d, c: self.writer_of(d, c, "merge"),  # a rename's target
             )
         return self.writers[key]
 
