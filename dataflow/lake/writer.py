@@ -41,17 +41,20 @@ from dataflow.runtime.failures import ConfigError, Kind, Unavailable, classify
 Mode = Literal["merge", "append"]
 Source = tuple[str, int]
 
+_SOURCE_META = (
+    Column("_source_topic", "string", "meta"),
+    Column("_source_partition", "int64", "meta"),
+    Column("_source_offset", "int64", "meta"),
+)
 _MERGE_META = (
     Column("_id", "string", "meta"),
     Column("_seq", "int64", "meta"),
     Column("_op", "string", "meta"),
     Column("_ts", "timestamp", "meta"),
+    *_SOURCE_META,  # where the row's last change came from: offsets order one partition's changes
 )
 _APPEND_META = (
     *_MERGE_META,
-    Column("_source_topic", "string", "meta"),
-    Column("_source_partition", "int64", "meta"),
-    Column("_source_offset", "int64", "meta"),
     Column("_removed", "other", "meta", arrow_type=pa.list_(pa.string())),
     # JSON text: an update reaching inside fields (`Update.to_json`), or a rename's target
     Column("_change", "json", "meta"),
@@ -90,6 +93,9 @@ class _Row:
     seq: int | None
     op: str
     ts_ms: int
+    topic: str = ""  # the source of the last change applied
+    partition: int = -1
+    offset: int = -1
 
 
 @dataclass(slots=True)
@@ -145,14 +151,15 @@ def _apply_nested(row: _Row, change: Update, stored: Stored) -> None:
 
 
 def _row(e: ChangeEvent, stored: Stored) -> _Row:
+    src = (e.topic, e.partition, e.offset)
     if e.op == "delete":
-        return _Row(e.id, "delete", None, e.seq, e.op, e.ts_ms)
+        return _Row(e.id, "delete", None, e.seq, e.op, e.ts_ms, *src)
     if e.is_partial:
-        row = _Row(e.id, "patch", _patch_values(e), e.seq, e.op, e.ts_ms)
+        row = _Row(e.id, "patch", _patch_values(e), e.seq, e.op, e.ts_ms, *src)
         if e.change is not None:
             _apply_nested(row, e.change, stored)
         return row
-    return _Row(e.id, "upsert", e.doc or {}, e.seq, e.op, e.ts_ms)
+    return _Row(e.id, "upsert", e.doc or {}, e.seq, e.op, e.ts_ms, *src)
 
 
 def _order(e: ChangeEvent) -> tuple[int, int, int]:
@@ -163,7 +170,8 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
     """One row per `_id` with the net effect of its events, as delta-rs MERGE needs.
 
     Order per id: by offset when all its events come from one partition (Kafka
-    order is the truth), else by (seq, offset, partition). A partial update
+    order is the truth), else by (seq, offset, partition). The row carries the
+    sequence and source of the last change in that order. A partial update
     folds into an earlier full doc, combines with earlier partial updates, and
     after a delete becomes a doc made of just its fields. An update that
     reaches inside a field applies to the field's value as the batch left it,
@@ -201,9 +209,8 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
                 _apply_nested(row, e.change, stored)
             else:  # onto a patch it combines, onto a full doc it folds in
                 row.values.update(_patch_values(e))
-            if e.seq is not None and (row.seq is None or e.seq > row.seq):
-                row.seq = e.seq
-            row.op, row.ts_ms = e.op, e.ts_ms
+            row.seq, row.op, row.ts_ms = e.seq, e.op, e.ts_ms  # the row is as the last change left it
+            row.topic, row.partition, row.offset = e.topic, e.partition, e.offset
         rows.append(row)
     return rows
 
@@ -215,6 +222,19 @@ def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
     if e.op == "rename" and e.target is not None:
         return {"to": {"db": e.target[0], "coll": e.target[1]}}
     return None
+
+
+_SOURCES = ("_source_topic", "_source_partition", "_source_offset")
+_SAME_SOURCE = "t.`_source_topic` = s.`_source_topic` AND t.`_source_partition` = s.`_source_partition`"
+# Whether a change may overwrite the stored row. From the row's own partition, a later offset
+# always may (Kafka's order is the source's; replays are filtered by the txn versions before).
+# From another partition, or over a row that records no source, the sequence decides; without
+# one on either side, arrival order does.
+_GUARD = (
+    f"(CASE WHEN t.`_source_offset` IS NOT NULL AND {_SAME_SOURCE} "
+    "THEN s.`_source_offset` > t.`_source_offset` "
+    "ELSE (t.`_seq` IS NULL OR s.`_seq` IS NULL OR s.`_seq` >= t.`_seq`) END)"
+)
 
 
 def _before(e: ChangeEvent, ddl: ChangeEvent) -> bool:
@@ -318,7 +338,8 @@ class DeltaTableWriter:
 
         Only the last commit records the batch's offsets. A crash before it
         replays the whole batch, which is safe: every step is idempotent (upserts
-        and patches guarded by `_seq`, the drop a delete of what is older than it).
+        and patches pass the same guard again, the drop deletes what is older
+        than it again, a rename's copy is guarded like any upsert).
         """
         dt = self._refresh()
         sources = {(e.topic, e.partition) for e in events}
@@ -355,20 +376,43 @@ class DeltaTableWriter:
             len(events), len(events) - len(fresh), written, self.version, committed=True, offsets=offsets
         )
 
-    def _ddl_predicate(self, ddl: ChangeEvent) -> str:
-        """The rows a drop or rename at `ddl` takes: those last changed before it."""
+    def _ddl_rows(self, ddl: ChangeEvent) -> tuple[str, pc.Expression]:
+        """The rows a drop or rename at `ddl` takes, those last changed before it (SQL, and Arrow)."""
+        topic, partition, offset = ddl.topic, ddl.partition, ddl.offset
+        same = (pc.field("_source_topic") == topic) & (pc.field("_source_partition") == partition)
+        same_sql = (
+            f"`_source_topic` = '{topic.replace(chr(39), chr(39) * 2)}' AND `_source_partition` = {partition}"
+        )
         if ddl.seq is None:
-            return "true"
-        return f"`_seq` IS NULL OR `_seq` < {ddl.seq}"
+            older, older_sql = pc.scalar(True), "true"
+        else:
+            older = pc.field("_seq").is_null() | (pc.field("_seq") < ddl.seq)
+            older_sql = f"(`_seq` IS NULL OR `_seq` < {ddl.seq})"
+        expr = pc.if_else(
+            pc.field("_source_offset").is_valid() & same, pc.field("_source_offset") < offset, older
+        )
+        sql = (
+            f"CASE WHEN `_source_offset` IS NOT NULL AND {same_sql} THEN `_source_offset` < {offset} "
+            f"ELSE {older_sql} END"
+        )
+        return sql, expr
 
     def _apply_ddl(self, ddl: ChangeEvent) -> None:
         dt = self._refresh()
         if dt is None:
             return
-        predicate = self._ddl_predicate(ddl)
-        if ddl.op == "rename" and ddl.target is not None and self._table_of is not None:
-            layout = self._layout(dt)
-            where = None if ddl.seq is None else (pc.field("_seq").is_null() | (pc.field("_seq") < ddl.seq))
+        layout = self._layout(dt)
+        missing = layout.missing(self._meta.values())  # a table from before rows recorded their source
+        if missing:
+            self._add_columns(dt, layout, missing)
+            dt = self._refresh()
+            assert dt is not None
+        predicate, where = self._ddl_rows(ddl)
+        if ddl.op == "rename":
+            if ddl.target is None or self._table_of is None:
+                raise RuntimeError(
+                    f"a rename of {self.uri} needs its target and the writer of the target's table"
+                )
             docs = read_documents(dt, layout, where=where, meta=("_seq", "_ts"))
             target = self._table_of(*ddl.target)
             moved = [
@@ -510,11 +554,11 @@ class DeltaTableWriter:
             "_seq": pa.array([r.seq for r in rows], pa.int64()),
             "_op": pa.array([r.op for r in rows], pa.string()),
             "_ts": pa.array([r.ts_ms * 1000 for r in rows], pa.int64()).cast(self._meta["_ts"].type),
+            "_source_topic": pa.array([r.topic for r in rows], pa.string()),
+            "_source_partition": pa.array([r.partition for r in rows], pa.int64()),
+            "_source_offset": pa.array([r.offset for r in rows], pa.int64()),
         }
         if self.mode == "append":
-            out["_source_topic"] = pa.array([e.topic for e in rows], pa.string())
-            out["_source_partition"] = pa.array([e.partition for e in rows], pa.int64())
-            out["_source_offset"] = pa.array([e.offset for e in rows], pa.int64())
             out["_removed"] = pa.array(
                 [list(e.removed) if e.is_partial and e.change is None else None for e in rows],
                 pa.list_(pa.string()),
@@ -550,12 +594,12 @@ class DeltaTableWriter:
                     )
         actions = {r.action for r in rows}
         cols = [c.name for c in layout.columns]
-        guard = "(t.`_seq` IS NULL OR s.`_seq` >= t.`_seq`)"
+        guard = _GUARD
         prepared.source = src
         prepared.merge = {
             "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_id"} if "upsert" in actions else None,
             "patch": (
-                {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_seq", "_op", "_ts")}}
+                {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_seq", "_op", "_ts", *_SOURCES)}}
                 if "patch" in actions
                 else None
             ),
