@@ -176,7 +176,7 @@ class Decoder:
                 obj = _payload(obj["payload"], "value.payload")
         if type(obj) is not dict:
             raise _Reject(_CORRUPT, f"value is a JSON {_kind(obj)}, not an object")
-        topic = _attr(msg, "topic")
+        topic = msg[2] if type(msg) is SourceMessage else _attr(msg, "topic")
         topic = topic if type(topic) is str else ""
         # A change-stream document also has an `_id` (its resume token), so it is tested first; a bare
         # document is then anything with an `_id` (or the SMT's fields): Debezium payloads have none.
@@ -190,7 +190,8 @@ class Decoder:
                 schema = _json(value, "value").get("schema")
             return self._bare(msg, value, obj, schema, topic)
         if "op" in obj:
-            self.detections.saw(topic, DEBEZIUM)
+            if self.detections.seen.get(topic) is not DEBEZIUM:
+                self.detections.saw(topic, DEBEZIUM)
             if self.fast:
                 ev = debezium_fast.event(msg, value, obj)
                 if ev is not None:
@@ -293,8 +294,10 @@ class Decoder:
         fmt = self.format
         if fmt in (Format.DEBEZIUM, Format.MONGODB):
             return TOMBSTONE
-        if fmt is Format.AUTO and self.detections.get(topic) in _ENVELOPES:
-            return TOMBSTONE
+        if fmt is Format.AUTO:
+            seen = self.detections.get(topic)
+            if seen in _ENVELOPES or (seen is None and _envelope_key(msg)):
+                return TOMBSTONE
         try:
             debezium = self._is_unwrapped(msg, None)
             id_value = _unwrapped_key_id(msg) if debezium else _document_key(msg)
@@ -539,6 +542,23 @@ def _key_object(msg: Any) -> Any:
             except _Reject:
                 return _MISSING
     return obj
+
+
+def _envelope_key(msg: Any) -> bool:
+    """Whether the key is the one Debezium's envelope carries: `{"id": "<_id as Extended JSON>"}`.
+
+    The unwrap SMT writes the `_id` itself (a number, an ObjectId's hex), so an
+    `id` that is not JSON text is its; only a string `_id` that happens to be
+    JSON text (`"123"`) reads as the envelope's.
+    """
+    obj = _key_object(msg)
+    if type(obj) is not dict or type(obj.get("id")) is not str or "_id" in obj:
+        return False
+    try:
+        extjson.parse_json(obj["id"])
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _key_shape(msg: Any) -> str | None:

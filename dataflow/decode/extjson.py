@@ -417,7 +417,10 @@ def parse_json(text: str | bytes | memoryview) -> Any:
 
 def loads(text: str | bytes, *, path: str = "") -> Any:
     """Parse Extended JSON text. Raises orjson.JSONDecodeError (a ValueError) or InvalidBson."""
-    value = parse_json(text)
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = parse_json(text)
     if type(value) is not dict and type(value) is not list:
         return value
     if speedups.native is not None:  # walking a document without wrappers costs less than searching it

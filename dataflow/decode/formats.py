@@ -101,17 +101,17 @@ class Detections:
     """What each topic was found to carry: logged once per topic, and again if it changes."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, str] = {}
+        self.seen: dict[str, str] = {}  # read per message by the decoder, before it calls `saw`
         self._lock = threading.Lock()
 
     def saw(self, topic: str, what: str) -> None:
-        if self._seen.get(topic) == what:
+        if self.seen.get(topic) == what:
             return
         with self._lock:
-            before = self._seen.get(topic)
+            before = self.seen.get(topic)
             if before == what:
                 return
-            self._seen[topic] = what
+            self.seen[topic] = what
         if before is None:
             log.info("topic %s carries %s", topic, what, extra={"topic": topic, "format": what})
         else:
@@ -124,4 +124,4 @@ class Detections:
             )
 
     def get(self, topic: str) -> str | None:
-        return self._seen.get(topic)
+        return self.seen.get(topic)

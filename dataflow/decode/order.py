@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dataflow.model import cluster_seq
-
 _FIRST_WALL_CLOCK_VERSION = (3, 4)  # DBZ-9683
 _VERSION = re.compile(r"(\d+)(?:\.(\d+))?")
 
@@ -24,9 +22,10 @@ def debezium_seq(ts_ms: int, ord_: int, version: Any) -> int:
     3.4 or later or not known, the wall milliseconds alone (packed like a
     cluster time, so that a table keeps one scale across a connector upgrade).
     """
-    if _before_wall_clock(version):
-        return cluster_seq(ts_ms // 1000, ord_)
-    return cluster_seq(ts_ms // 1000, ts_ms % 1000)
+    before = _VERSIONS.get(version) if type(version) is str else False  # per message: one dict look-up
+    if before is None:
+        before = _before_wall_clock(version)
+    return ((ts_ms // 1000) << 31) | (ord_ if before else ts_ms % 1000)  # as model.cluster_seq packs
 
 
 _VERSIONS: dict[str, bool] = {}
