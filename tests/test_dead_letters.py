@@ -12,6 +12,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from dataflow.decode.envelopes import Decoder
 from dataflow.decode.step import parse_events
 from dataflow.dlq.sink import DLQSink
 from dataflow.dlq.writer import DLQConfig, FallbackFile
@@ -84,11 +85,8 @@ def bad_message(topic: str, collection: str, i: int) -> tuple[bytes | None, byte
                     "op": "u",
                     "after": None,
                     "source": source(collection),
-                    "updateDescription": {
-                        "updatedFields": orjson.dumps({"address.city": f"Oslo {i}"}).decode(),
-                        "removedFields": None,
-                        "truncatedArrays": None,
-                    },
+                    # an oplog operator that is not a $set or $unset: nothing to apply it to
+                    "patch": orjson.dumps({"$v": 1, "$inc": {"n": i}}).decode(),
                 }
             ),
             Reason.UNSUPPORTED_PARTIAL_UPDATE,
@@ -163,7 +161,9 @@ def test_with_the_broker_down_dead_letters_land_in_the_fallback_file(own_kafka, 
     good: list = []
     flow = Dataflow("dlq_down")
     parsed = parse_events(
-        "parse", op.input("in", flow, TestingSource(inputs, batch_size=100)), max_bytes=MAX_DOC
+        "parse",
+        op.input("in", flow, TestingSource(inputs, batch_size=100)),
+        decoder=Decoder(max_bytes=MAX_DOC),
     )
     op.output(
         "dlq",
