@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from dataflow.decode.envelopes import Decoder
 from dataflow.dlq.writer import FallbackFile
 from dataflow.lake.offsets import list_tables
-from dataflow.model import DeadLetter, Reason
+from dataflow.model import REPLAY_HEADER, DeadLetter, Reason
 from dataflow.runtime.settings import Settings, SettingsError
 from dataflow.source.topics import end_offsets, match_topics
 
@@ -323,7 +323,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             r.topic,
             key=r.key,
             value=r.value,
-            headers=[("cdc.replay.source", source.encode())],
+            headers=[(REPLAY_HEADER, source.encode())],
             on_delivery=lambda err, _m, s=source: failures.append(f"{s}: {err}") if err else None,
         )
         if producer.flush(30) != 0:

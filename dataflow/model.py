@@ -25,6 +25,10 @@ class SourceMessage(NamedTuple):
     partition: int
     offset: int
     timestamp: tuple[int, int]
+    replayed: bool = False  # carries REPLAY_HEADER: `cdc dlq replay` sent it again
+
+
+REPLAY_HEADER = "cdc.replay.source"  # set by `cdc dlq replay`: the message's original topic:partition:offset
 
 
 class BsonTimestamp(NamedTuple):
@@ -85,6 +89,7 @@ class ChangeEvent:
     seq: int | None = _CLUSTER
     change: Any = None  # dataflow.decode.updates.Update, for updates inside fields
     target: tuple[str, str] | None = None  # rename: the new (db, collection)
+    replayed: bool = False  # a dead letter sent again: its offset says nothing of its age
     table: str = field(init=False, default="")
 
     def __post_init__(self) -> None:

@@ -278,8 +278,8 @@ def test_a_snapshot_message_that_no_longer_decodes_becomes_a_dead_letter_not_a_c
     events = parsed(3)
     state = BatchSnapshot.of(Batch(events[0].table, list(events), opened_at=1_000.0))
     # As if the decoder had changed since the crash: one message it once took, it now refuses.
-    topic, partition, offset, key, value, ts_ms, ord_ = state.messages[1]
-    state.messages[1] = (topic, partition, offset, key, b"{not json", ts_ms, ord_)
+    topic, partition, offset, key, value, ts_ms, ord_, replayed = state.messages[1]
+    state.messages[1] = (topic, partition, offset, key, b"{not json", ts_ms, ord_, replayed)
     resumed = TableBatcher(limits, TableSnapshot([], state), clock=Clock())
     assert [e.offset for e in resumed.open.events] == [0, 2]
     assert [(d.offset, d.reason) for d in resumed.open.rejected] == [(1, Reason.CORRUPTED_DATA)]
@@ -313,3 +313,14 @@ def test_a_restored_batch_past_the_default_limit_is_delivered_after_a_real_crash
 
     assert run() == []  # the big event sat in the open batch when the process died
     assert run() == [[100, 0, 1]]  # restored from the snapshot, in spite of its size
+
+
+def test_a_snapshot_keeps_the_replay_mark_and_reads_older_snapshots() -> None:
+    """A replayed dead letter stays one after a restore; a snapshot from before the mark restores too."""
+    events = parsed(2)
+    batch = Batch(events[0].table, list(events))
+    batch.events[1].replayed = True
+    snap = BatchSnapshot.of(batch)
+    assert [e.replayed for e in snap.restore().events] == [False, True]
+    snap.messages = [m[:7] for m in snap.messages]  # as written before the mark existed
+    assert [e.replayed for e in snap.restore().events] == [False, False]

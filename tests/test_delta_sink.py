@@ -18,8 +18,8 @@ from dataflow.model import BsonTimestamp, ChangeEvent
 from dataflow.runtime.failures import ConfigError
 from tests.harness import BASE_MS, TOPIC, ev
 
-MERGE_META = {"_id", "_seq", "_op", "_ts"}
-APPEND_META = MERGE_META | {"_source_topic", "_source_partition", "_source_offset", "_removed"}
+MERGE_META = {"_id", "_seq", "_op", "_ts", "_source_topic", "_source_partition", "_source_offset"}
+APPEND_META = MERGE_META | {"_removed", "_change"}
 
 
 @pytest.fixture
@@ -185,25 +185,46 @@ def test_order_within_partition_is_offset_across_partitions_is_seq(writer, lake_
     assert w.committed_offsets([(TOPIC, 0), (TOPIC, 1)]) == {(TOPIC, 0): 50, (TOPIC, 1): 3}
 
 
-def test_older_seq_never_overwrites(writer, lake_uri, storage_options):
+def _replayed(e: ChangeEvent) -> ChangeEvent:
+    e.replayed = True  # sent again by `cdc dlq replay`, as the source marks it from its header
+    return e
+
+
+def test_a_replayed_older_change_never_overwrites(writer, lake_uri, storage_options):
     w = writer()
     new_ts = BASE_MS + 10_000_000
     w.write([ev("a", doc={"v": 2}, offset=0, ts_ms=new_ts), ev("b", doc={"v": 2}, offset=1, ts_ms=new_ts)])
-    stale = BASE_MS  # e.g. a DLQ replay of events older than the stored state
+    stale = BASE_MS  # a DLQ replay of events older than the stored state
     late = [
-        ev("a", "replace", doc={"v": 1}, offset=5, ts_ms=stale),
-        ev("b", "delete", offset=6, ts_ms=stale),
+        _replayed(ev("a", "replace", doc={"v": 1}, offset=5, ts_ms=stale)),
+        _replayed(ev("b", "delete", offset=6, ts_ms=stale)),
     ]
     result = w.write(late)
     assert state(lake_uri, storage_options) == {"a": {"v": 2}, "b": {"v": 2}}
     # nothing changed, yet the offsets are recorded (delta-rs skips the commit of a no-op MERGE)
     assert result.committed
     assert w.committed_offsets([(TOPIC, 0)]) == {(TOPIC, 0): 6}
-    w.write([ev("a", "update", updated={"v": 0}, offset=7, ts_ms=stale)])
+    w.write([_replayed(ev("a", "update", updated={"v": 0}, offset=7, ts_ms=stale))])
     assert state(lake_uri, storage_options) == {"a": {"v": 2}, "b": {"v": 2}}
     # same sequence is applied (>=): a re-delivered change of the same instant
-    w.write([ev("a", "update", updated={"v": 3}, offset=8, ts_ms=new_ts)])
+    w.write([_replayed(ev("a", "update", updated={"v": 3}, offset=8, ts_ms=new_ts))])
     assert state(lake_uri, storage_options)["a"] == {"v": 3}
+    # in one batch too: the replayed older change is ordered by its sequence, not its offset
+    w.write([ev("a", "update", updated={"v": 4}, offset=9, ts_ms=new_ts + 1000), late[0]])
+    late[0].offset = 10
+    w.write([ev("a", "update", updated={"v": 5}, offset=11, ts_ms=new_ts + 2000), late[0]])
+    assert state(lake_uri, storage_options)["a"] == {"v": 5}
+
+
+def test_a_later_offset_of_the_same_partition_wins_over_an_older_sequence(writer, lake_uri, storage_options):
+    """Kafka's order within a partition is the source's: a clock that runs backwards does not reorder it."""
+    w = writer()
+    w.write([ev("a", doc={"v": 1}, offset=0, ts_ms=BASE_MS + 5000)])
+    w.write([ev("a", "update", updated={"v": 2}, offset=1, ts_ms=BASE_MS + 4000)])
+    assert state(lake_uri, storage_options) == {"a": {"v": 2}}
+    # from another partition the sequence decides
+    w.write([ev("a", "update", updated={"v": 3}, offset=0, partition=1, ts_ms=BASE_MS + 3000)])
+    assert state(lake_uri, storage_options) == {"a": {"v": 2}}
 
 
 # ------------------------------------------------------------------ exactly once

@@ -9,7 +9,7 @@ from bytewax.connectors.kafka import KafkaError
 from confluent_kafka import OFFSET_BEGINNING, Producer
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
-from dataflow.model import SourceMessage
+from dataflow.model import REPLAY_HEADER, SourceMessage
 from dataflow.runtime import shutdown
 from dataflow.runtime.failures import ConfigError
 from dataflow.source.kafka import ResumingKafkaSource, refuse_to_read
@@ -213,3 +213,19 @@ def test_errors_no_waiting_cures_stop_the_flow(error: ConfluentKafkaError, stops
             refuse_to_read("t", 3, error)
     else:
         refuse_to_read("t", 3, error)  # handed out and logged; librdkafka reconnects
+
+
+def test_a_message_sent_again_by_dlq_replay_is_marked_replayed(kafka) -> None:
+    """`cdc dlq replay` adds REPLAY_HEADER; the source marks such messages, and only those."""
+    topic = kafka.topic("src", partitions=1)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap, "enable.idempotence": True})
+    producer.produce(topic, key=b"k0", value=b"v0", partition=0)
+    producer.produce(topic, key=b"k1", value=b"v1", partition=0, headers=[(REPLAY_HEADER, b"orig:0:7")])
+    producer.produce(topic, key=b"k2", value=b"v2", partition=0, headers=[("other", b"x")])
+    assert producer.flush(30) == 0
+    part = source(kafka.bootstrap, {topic: 1}, tail=False).build_part(STEP, f"0-{topic}", None)
+    try:
+        items, _ = read_to_end(part)
+    finally:
+        part.close()
+    assert [(m.key, m.replayed) for m in items] == [(b"k0", False), (b"k1", True), (b"k2", False)]

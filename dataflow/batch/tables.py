@@ -111,14 +111,19 @@ class BatchSnapshot:
 
     table: str
     opened_at: float
-    messages: list[tuple[str, int, int, bytes | None, bytes | None, int, int]]
+    # (topic, partition, offset, key, value, ts_ms, ord, replayed); snapshots before the replay
+    # mark hold the first seven
+    messages: list[tuple]
 
     @classmethod
     def of(cls, batch: Batch) -> BatchSnapshot:
         return cls(
             batch.table,
             batch.opened_at,
-            [(e.topic, e.partition, e.offset, e.raw_key, e.raw_value, e.ts_ms, e.ord) for e in batch.events]
+            [
+                (e.topic, e.partition, e.offset, e.raw_key, e.raw_value, e.ts_ms, e.ord, e.replayed)
+                for e in batch.events
+            ]
             + [(d.topic, d.partition, d.offset, d.key, d.value, 0, 0) for d in batch.rejected],
         )
 
@@ -131,11 +136,12 @@ class BatchSnapshot:
         """
         decoder = decoder or _DEFAULT_DECODER
         batch = Batch(self.table, opened_at=self.opened_at)
-        for topic, partition, offset, key, value, ts_ms, ord_ in self.messages:
+        for topic, partition, offset, key, value, ts_ms, ord_, *rest in self.messages:
             msg = KafkaSourceMessage(key, value, topic=topic, partition=partition, offset=offset)
             ev = decoder.parse(msg, max_bytes=sys.maxsize)
             if type(ev) is ChangeEvent:
                 ev.ts_ms, ev.ord = ts_ms, ord_  # as first decoded (they may come from the message timestamp)
+                ev.replayed = bool(rest and rest[0])
                 if ev.op == "drop" and not ev.collection:  # one table's part of a dropDatabase
                     ev = dataclasses.replace(ev, collection=self.table.partition(".")[2])
                 batch.events.append(ev)

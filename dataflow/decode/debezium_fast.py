@@ -29,7 +29,9 @@ def event(msg: SourceMessage, value: bytes, p: dict[str, Any]) -> ChangeEvent | 
     native = speedups.native
     if native is None or type(msg) is not SourceMessage:
         return None
-    key, _, topic, partition, offset, _ = msg
+    key, _, topic, partition, offset, _, replayed = msg
+    if replayed:  # rare: the general path marks it
+        return None
     if (
         type(key) is not bytes
         or type(topic) is not str

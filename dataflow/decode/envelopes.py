@@ -48,7 +48,16 @@ from dataflow.decode import connect, debezium_fast, extjson, validate
 from dataflow.decode.formats import Detections, Format, TopicTables
 from dataflow.decode.order import debezium_seq
 from dataflow.decode.updates import Update, UpdateError
-from dataflow.model import BsonTimestamp, ChangeEvent, DeadLetter, Op, Reason, SourceMessage, cluster_seq
+from dataflow.model import (
+    REPLAY_HEADER,
+    BsonTimestamp,
+    ChangeEvent,
+    DeadLetter,
+    Op,
+    Reason,
+    SourceMessage,
+    cluster_seq,
+)
 from dataflow.runtime.failures import BadData
 
 __all__ = ["DEFAULT_MAX_BYTES", "Decoder", "Skipped", "parse"]
@@ -492,9 +501,13 @@ def _event(
     if doc is not None and "_id" not in doc:
         doc = {"_id": id_value, **doc}
     if type(msg) is SourceMessage:  # what the Kafka source emits: no attribute can be missing
-        key, _, topic, partition, offset, _ = msg
+        key, _, topic, partition, offset, _, replayed = msg
     else:
         key, topic, partition, offset = (_attr(msg, a) for a in ("key", "topic", "partition", "offset"))
+        headers = _attr(msg, "headers")
+        replayed = type(headers) is list and any(
+            type(h) is tuple and h[:1] == (REPLAY_HEADER,) for h in headers
+        )
     return ChangeEvent(
         db=db,
         collection=coll,
@@ -510,6 +523,7 @@ def _event(
         raw_key=_as_bytes(key),
         raw_value=value,
         seq=seq,
+        replayed=replayed,
     )
 
 

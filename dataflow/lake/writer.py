@@ -96,6 +96,7 @@ class _Row:
     topic: str = ""  # the source of the last change applied
     partition: int = -1
     offset: int = -1
+    replayed: bool = False  # the last change was a replayed dead letter: only its sequence may order it
 
 
 @dataclass(slots=True)
@@ -151,7 +152,7 @@ def _apply_nested(row: _Row, change: Update, stored: Stored) -> None:
 
 
 def _row(e: ChangeEvent, stored: Stored) -> _Row:
-    src = (e.topic, e.partition, e.offset)
+    src = (e.topic, e.partition, e.offset, e.replayed)
     if e.op == "delete":
         return _Row(e.id, "delete", None, e.seq, e.op, e.ts_ms, *src)
     if e.is_partial:
@@ -170,7 +171,8 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
     """One row per `_id` with the net effect of its events, as delta-rs MERGE needs.
 
     Order per id: by offset when all its events come from one partition (Kafka
-    order is the truth), else by (seq, offset, partition). The row carries the
+    order is the truth), else, or when one of them is a replayed dead letter,
+    by (seq, offset, partition). The row carries the
     sequence and source of the last change in that order. A partial update
     folds into an earlier full doc, combines with earlier partial updates, and
     after a delete becomes a doc made of just its fields. An update that
@@ -189,7 +191,7 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
         if len(evs) == 1:
             rows.append(_row(evs[0], stored))
             continue
-        if len({e.partition for e in evs}) == 1:
+        if len({(e.topic, e.partition) for e in evs}) == 1 and not any(e.replayed for e in evs):
             evs.sort(key=lambda e: e.offset)
         else:
             evs.sort(key=_order)
@@ -210,7 +212,7 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
             else:  # onto a patch it combines, onto a full doc it folds in
                 row.values.update(_patch_values(e))
             row.seq, row.op, row.ts_ms = e.seq, e.op, e.ts_ms  # the row is as the last change left it
-            row.topic, row.partition, row.offset = e.topic, e.partition, e.offset
+            row.topic, row.partition, row.offset, row.replayed = e.topic, e.partition, e.offset, e.replayed
         rows.append(row)
     return rows
 
@@ -227,11 +229,11 @@ def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
 _SOURCES = ("_source_topic", "_source_partition", "_source_offset")
 _SAME_SOURCE = "t.`_source_topic` = s.`_source_topic` AND t.`_source_partition` = s.`_source_partition`"
 # Whether a change may overwrite the stored row. From the row's own partition, a later offset
-# always may (Kafka's order is the source's; replays are filtered by the txn versions before).
-# From another partition, or over a row that records no source, the sequence decides; without
-# one on either side, arrival order does.
+# always may (Kafka's order is the source's; a crash's re-reads are filtered by the txn versions
+# before). From another partition, as a replayed dead letter, or over a row that records no
+# source, the sequence decides; without one on either side, arrival order does.
 _GUARD = (
-    f"(CASE WHEN t.`_source_offset` IS NOT NULL AND {_SAME_SOURCE} "
+    f"(CASE WHEN NOT s.{{replayed}} AND t.`_source_offset` IS NOT NULL AND {_SAME_SOURCE} "
     "THEN s.`_source_offset` > t.`_source_offset` "
     "ELSE (t.`_seq` IS NULL OR s.`_seq` IS NULL OR s.`_seq` >= t.`_seq`) END)"
 )
@@ -580,6 +582,8 @@ class DeltaTableWriter:
         src = prepared.source
         action = layout.claim("__cdc_action")
         src = src.append_column(action, pa.array([r.action for r in rows], pa.string()))
+        replay = layout.claim("__cdc_replayed")
+        src = src.append_column(replay, pa.array([r.replayed for r in rows], pa.bool_()))
         patch_set: dict[str, str] = {}
         for j, (k, m) in enumerate(masks.items()):
             main = layout.value.get(k)
@@ -594,7 +598,7 @@ class DeltaTableWriter:
                     )
         actions = {r.action for r in rows}
         cols = [c.name for c in layout.columns]
-        guard = _GUARD
+        guard = _GUARD.format(replayed=_q(replay))
         prepared.source = src
         prepared.merge = {
             "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_id"} if "upsert" in actions else None,

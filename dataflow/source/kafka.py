@@ -31,7 +31,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
-from dataflow.model import SourceMessage
+from dataflow.model import REPLAY_HEADER, SourceMessage
 from dataflow.runtime import shutdown
 from dataflow.runtime.failures import ConfigError, Kind, classify
 
@@ -106,7 +106,11 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
             error = msg.error()
             if error is None:
                 offset = msg.offset()
-                append(SourceMessage(msg.key(), msg.value(), topic, partition, offset, msg.timestamp()))
+                headers = msg.headers()
+                replayed = headers is not None and any(k == REPLAY_HEADER for k, _ in headers)
+                append(
+                    SourceMessage(msg.key(), msg.value(), topic, partition, offset, msg.timestamp(), replayed)
+                )
                 next_offset = offset + 1
                 continue
             if error.code() == ConfluentKafkaError._PARTITION_EOF:
