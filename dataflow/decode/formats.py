@@ -55,14 +55,22 @@ DEBEZIUM_TOPIC = r"[^.]+\.(?P<db>[^.]+)\.(?P<collection>.+)"
 MONGODB_TOPIC = r"(?P<db>[^.]+)\.(?P<collection>.+)"
 
 
-def _compiled(pattern: str) -> re.Pattern[str]:
+def regex_problem(pattern: str) -> str | None:
+    """What is wrong with a topic-to-table regex (None: nothing)."""
     try:
         regex = re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"CDC_TOPIC_TABLE_REGEX is not a regular expression: {e}") from None
+        return f"is not a valid regex: {e}"
     if not {"db", "collection"} <= set(regex.groupindex):
-        raise ConfigError("CDC_TOPIC_TABLE_REGEX needs the named groups (?P<db>...) and (?P<collection>...)")
-    return regex
+        return "needs the named groups (?P<db>...) and (?P<collection>...)"
+    return None
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    problem = regex_problem(pattern)
+    if problem is not None:
+        raise ConfigError(f"CDC_TOPIC_TABLE_REGEX {problem}")
+    return re.compile(pattern)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError, PydanticUseDefault
 
 from dataflow.batch.tables import BatchLimits
 from dataflow.decode.envelopes import Decoder
-from dataflow.decode.formats import Format, TopicTables
+from dataflow.decode.formats import Format, TopicTables, regex_problem
 from dataflow.dlq.writer import DLQConfig
 from dataflow.lake.layout import TableLocations, TableMode
 from dataflow.runtime.failures import ConfigError
@@ -293,13 +293,8 @@ class Settings(BaseModel):
     @field_validator("topic_table_regex")
     @classmethod
     def _regex_names_the_table(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                regex = re.compile(pattern)
-            except re.error as e:
-                raise _bad(f"is not a valid regex: {e}") from None
-            if not {"db", "collection"} <= set(regex.groupindex):
-                raise _bad("needs the named groups (?P<db>...) and (?P<collection>...)")
+        if pattern is not None and (problem := regex_problem(pattern)) is not None:
+            raise _bad(problem)
         return pattern
 
     @field_validator("lake_uri")
