@@ -59,8 +59,8 @@ def test_table_paths_are_safe_and_both_mode_separates_the_changelog() -> None:
     s = Settings.from_env({"CDC_LAKE_URI": "/lake", "CDC_TABLE_MODE": "both"})
     assert s.lake.tables.uri("shop", "orders", "merge") == "/lake/shop/orders"
     assert s.lake.tables.uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
-    assert s.lake.tables.uri("shop", "a/b", "merge") == "/lake/shop/a%2Fb"
-    assert s.lake.tables.uri("shop", "..", "merge") == "/lake/shop/%2E%2E"
+    assert s.lake.tables.uri("shop", "a/b", "merge") == "/lake/shop/a~2Fb"
+    assert s.lake.tables.uri("shop", "..", "merge") == "/lake/shop/~2E."
     assert s.lake.tables.uri("shop", "a.b", "merge") == "/lake/shop/a.b"
 
 

@@ -1,27 +1,60 @@
 """Where each collection's tables live in the lake, and which tables a table mode writes.
 
 `<lake>/<db>/<collection>` holds the table a mode writes; in `both` mode the
-changelog of that table is `<lake>/_changelog/<db>/<collection>`.
+changelog of that table is `<lake>/_changelog/<db>/<collection>`. Names are
+written into paths by `path_part`, which any legal MongoDB name survives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote
 
 CHANGELOG_DIR = "_changelog"
 TableMode = Literal["merge", "append", "both"]
 
 
-def path_part(name: str) -> str:
-    """A database or collection name as one safe path segment.
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
+ESCAPE = "~"
 
-    MongoDB allows `/` and even `..` in collection names; those must not
-    escape the lake or land two collections in one table.
+
+def path_part(name: str) -> str:
+    """A database or collection name as one path segment, reversibly (`name_of` undoes it).
+
+    Letters, digits, `_`, `-` and `.` stay as they are, so the usual names keep
+    their plain paths. Every other character is `~` and the two hex digits of
+    each of its UTF-8 bytes (`café` → `caf~C3~A9`, `a b` → `a~20b`). Not `%`:
+    delta-rs and object stores decode percent-escapes, so a table created at
+    `caf%C3%A9` would be looked for at `café`. The first character is escaped
+    too when the name is nothing but dots (`..` must not climb out of the lake)
+    or is the changelog folder's (a database named `_changelog`).
     """
-    quoted = quote(name, safe="")
-    return quoted.replace(".", "%2E") if set(quoted) <= {"."} else quoted
+    if not name:
+        raise ValueError("an empty name has no path")
+    out = [ch if ch in _SAFE else _escaped(ch) for ch in name]
+    if name == CHANGELOG_DIR or set(name) <= {"."}:
+        out[0] = _escaped(name[0])
+    return "".join(out)
+
+
+def _escaped(ch: str) -> str:
+    return "".join(f"{ESCAPE}{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+
+
+def name_of(part: str) -> str:
+    """The name a path segment made by `path_part` stands for."""
+    if ESCAPE not in part:
+        return part
+    raw = bytearray()
+    i = 0
+    while i < len(part):
+        if part[i] == ESCAPE:
+            raw.append(int(part[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(part[i].encode())
+            i += 1
+    return raw.decode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)

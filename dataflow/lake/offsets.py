@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from dataflow.lake.layout import CHANGELOG_DIR
+from dataflow.lake.layout import CHANGELOG_DIR, name_of
 from dataflow.lake.storage import s3_client
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def collections_in(lake_uri: str, db: str, storage_options: dict[str, str] | Non
     out = []
     for uri in list_tables(lake_uri, storage_options):
         head, _, coll = uri[len(base) :].strip("/").partition("/")
-        if head != CHANGELOG_DIR and unquote(head) == db and coll:
-            out.append(unquote(coll))
+        if head != CHANGELOG_DIR and name_of(head) == db and coll:
+            out.append(name_of(coll))
     return out
 
 

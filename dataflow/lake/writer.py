@@ -462,8 +462,13 @@ class DeltaTableWriter:
         """
         sources = {(e.topic, e.partition) for e in events}
         added: tuple[str, ...] = ()
+        created = False
         for attempt in range(_SCHEMA_ATTEMPTS):
             dt = self._refresh()
+            if dt is None and created:
+                # Waiting will not bring back a table this writer has just created: the path it
+                # writes and the path delta-rs opens differ. A bug, never an outage.
+                raise RuntimeError(f"created the Delta table at {self.uri}, and then found none there")
             done = self._recorded(dt, sources)
             fresh: list[ChangeEvent] = []
             offsets: dict[Source, int] = {}
@@ -495,6 +500,7 @@ class DeltaTableWriter:
             if new or dt is None:
                 try:
                     self._add_columns(dt, layout, new)
+                    created = created or dt is None
                     added += tuple(c.name for c in new)
                 except Exception as e:
                     # A rival added the same columns first ("Metadata changed"): look again.
