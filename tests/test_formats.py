@@ -295,3 +295,35 @@ def test_a_tombstone_first_on_its_topic_is_told_by_its_key(key: bytes, deletes: 
         assert isinstance(out, ChangeEvent) and out.op == "delete"
     else:
         assert out == TOMBSTONE
+
+
+def test_a_crash_between_the_steps_of_a_drop_batch_replays_to_the_same_state(tmp_path: Path) -> None:
+    """A merge batch holding a drop is committed in steps and only the last records the offsets.
+    Stopping after any step and committing the whole batch again ends as one clean commit does."""
+    case = _corpus("mongodb/drop_collection")
+    decoder = Decoder()
+    events = [decoder.parse(_msg(m, case["topic"], offset=i)) for i, m in enumerate(case["messages"])]
+    later = ChangeEvent(
+        "engineering", "users", "99", "insert", {"_id": 99, "name": "after the drop"},
+        events[-1].ts_ms + 1000, 1, case["topic"], 0, len(events), 10,
+    )  # fmt: skip
+    batch = [*events, later]
+    assert [e.op for e in batch] == ["insert", "insert", "drop", "insert"]
+    clean = DeltaTableWriter(str(tmp_path / "clean"), mode="merge")
+    clean.write(batch)
+    expected = table_documents(str(tmp_path / "clean"))
+    assert set(expected) == {"99"}
+
+    for stop_after in ("before", "drop"):
+        uri = str(tmp_path / f"crashed-{stop_after}")
+        w = DeltaTableWriter(uri, mode="merge")
+        w.write(events[:1])  # an earlier batch
+        before = w._prepare(batch[:2], record=False)  # the steps of _write_with_ddl, cut short
+        w._commit(before, record=False)
+        if stop_after == "drop":
+            w._apply_ddl(batch[2])
+        restarted = DeltaTableWriter(uri, mode="merge")
+        result = restarted.write(batch)
+        assert result.committed and result.offsets == {(case["topic"], 0): len(events)}
+        assert table_documents(uri) == expected, stop_after
+        assert restarted.write(batch).skipped == len(batch)  # and exactly once from then on
