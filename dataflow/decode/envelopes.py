@@ -576,7 +576,7 @@ def _envelope_key(msg: Any) -> bool:
 
 
 def _key_shape(msg: Any) -> str | None:
-    """ "debezium" for a `{"id": ...}` key, "mongodb" for a document key `{"_id": ...}`."""
+    """Which connector's key this is: `{"id": ...}` is "debezium", a document key `{"_id": ...}` "mongodb"."""
     obj = _key_object(msg)
     if type(obj) is dict:
         if "id" in obj and "_id" not in obj:
