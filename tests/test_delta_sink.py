@@ -14,8 +14,8 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
 from dataflow.lake.writer import DeltaTableWriter
-from dataflow.model import BsonTimestamp, ChangeEvent
-from dataflow.runtime.failures import ConfigError
+from dataflow.model import BsonTimestamp, ChangeEvent, Reason
+from dataflow.runtime.failures import BadData, ConfigError
 from tests.harness import BASE_MS, TOPIC, ev
 
 MERGE_META = {"_id", "_seq", "_op", "_ts", "_source_topic", "_source_partition", "_source_offset"}
@@ -459,6 +459,21 @@ def test_type_drift_within_a_batch(writer, lake_uri, storage_options):
     assert [got[k]["num"] for k in "abc"] == [1.0, 2.5, 3.0]
     assert [orjson.loads(got[k]["mixed"]) for k in "abc"] == [1, "two", [1]]
     assert "num__json" not in got["a"] and "mixed__json" not in got["a"]
+
+
+def test_an_integer_past_int64_is_refused_never_rounded_into_a_float_column(
+    writer, lake_uri, storage_options
+):
+    w = writer("append")
+    w.write([ev("a", doc={"num": 1.5}, offset=0)])
+    with pytest.raises(BadData, match="beyond int64") as raised:
+        w.write([ev("b", doc={"num": 2**64 - 1}, offset=1)])  # valid JSON; float64 would round it
+    assert raised.value.reason is Reason.DELTA_WRITE_ERROR
+    with pytest.raises(BadData, match="beyond int64"):
+        writer("append").write(
+            [ev("c", doc={"fresh": 2**63}, offset=2), ev("d", doc={"fresh": 0.5}, offset=3)]
+        )
+    assert [r["_id"] for r in rows(lake_uri, storage_options)] == ["a"]
 
 
 def test_type_drift_in_merge_mode_and_partial_updates(writer, lake_uri, storage_options):

@@ -357,6 +357,19 @@ def to_array(values: list[Any], column: Column) -> pa.Array:
     return pa.array(values, column.type)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _refuse_wide_integers(field: str, values: list[Any]) -> None:
+    """An integer past int64 in a float64 column: Arrow would round it to a double without a word.
+
+    BSON has no such integer; the document's value would change, so the event is refused.
+    """
+    for v in values:
+        if type(v) is int and not _INT64_MIN <= v <= _INT64_MAX:
+            raise BadData(Reason.DELTA_WRITE_ERROR, f"field {field!r}: integer {v} is beyond int64")
+
+
 def build_arrays(
     layout: Layout, values: Mapping[str, list[Any]], kinds: Mapping[str, frozenset[str]]
 ) -> dict[str, pa.Array]:
@@ -369,6 +382,8 @@ def build_arrays(
         ok = ACCEPTS[main.kind]
         fb = layout.fallback.get(field)
         try:
+            if main.kind == "float64" and "int64" in kinds[field]:
+                _refuse_wide_integers(field, col)
             if not kinds[field]:
                 out[main.name] = pa.nulls(len(col), main.type)
             elif kinds[field] <= ok:
