@@ -239,26 +239,6 @@ static int small_int(PyObject *v, long long *out) {
     return 1;
 }
 
-static PyObject *fast_oid(PyObject *v) {
-    Py_ssize_t n;
-    const char *s = ascii(v, &n);
-    if (s == NULL || n != 24) return NULL;
-    int upper = 0;
-    for (int i = 0; i < 24; i++) {
-        char c = s[i];
-        if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')) continue;
-        if (c >= 'A' && c <= 'F') {
-            upper = 1;
-            continue;
-        }
-        return NULL;
-    }
-    if (!upper) return Py_NewRef(v);
-    char low[24];
-    for (int i = 0; i < 24; i++) low[i] = (s[i] >= 'A' && s[i] <= 'F') ? (char)(s[i] + 32) : s[i];
-    return PyUnicode_FromStringAndSize(low, 24);
-}
-
 static PyObject *fast_int32(PyObject *v) {
     long long x;
     if (!small_int(v, &x) || x < INT32_MIN || x > INT32_MAX) return NULL;
@@ -351,8 +331,11 @@ static const struct {
     const char *key;
     fast_fn fn;
 } FAST[] = {
-    {"$oid", fast_oid},          {"$date", fast_date},         {"$numberInt", fast_int32},
-    {"$numberLong", fast_int64}, {"$numberDouble", fast_double},
+    /* not $oid: an ObjectId is a str subclass (dataflow.model.ObjectId), made in Python */
+    {"$date", fast_date},
+    {"$numberInt", fast_int32},
+    {"$numberLong", fast_int64},
+    {"$numberDouble", fast_double},
 };
 
 static fast_fn fast_for(PyObject *key) {

@@ -38,6 +38,48 @@ class BsonTimestamp(NamedTuple):
     i: int
 
 
+# The BSON values Python has no type of its own for. Each is a NamedTuple, which orjson
+# refuses to write, so JSON text always goes through `dataflow.lake.columns`' canonical form.
+
+
+class ObjectId(str):
+    """An ObjectId: its 24 lower-case hex digits, as a str that keeps its BSON type.
+
+    Equal to the plain string of its hex (so code and tests can compare with one),
+    yet a column, a JSON text and an `_id` key can tell it from a string.
+    """
+
+    __slots__ = ()
+
+
+class Binary(NamedTuple):
+    """BSON binary of a subtype other than generic (00, plain `bytes`) or a UUID (04, `Uuid`)."""
+
+    data: bytes
+    subtype: int
+
+
+class Uuid(NamedTuple):
+    """BSON binary subtype 04 of 16 bytes; `text` is its lower-case hyphenated form."""
+
+    text: str
+
+
+class DateMs(NamedTuple):
+    """A BSON date outside years 1..9999, which `datetime` cannot hold: milliseconds since the epoch."""
+
+    ms: int
+
+
+class ExtValue(NamedTuple):
+    """A BSON value with no column type of its own (regex, code, symbol, minKey, ...).
+
+    `canonical` is its canonical Extended JSON v2 object, what it is stored as.
+    """
+
+    canonical: dict[str, Any]
+
+
 _CLUSTER: Any = -1  # ChangeEvent.seq default: from `ts_ms` and `ord`, a cluster time
 
 
@@ -90,11 +132,16 @@ class ChangeEvent:
     change: Any = None  # dataflow.decode.updates.Update, for updates inside fields
     target: tuple[str, str] | None = None  # rename: the new (db, collection)
     replayed: bool = False  # a dead letter sent again: its offset says nothing of its age
+    # Which document this is, by MongoDB's equality (`dataflow.decode.identity.id_key`); `id` is
+    # only its readable text. An event built without one is keyed as a string `_id` of `id`.
+    key: str = ""
     table: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         # Stored, not a property: read per event by the keying, the metrics and the sink.
         self.table = f"{self.db}.{self.collection}"
+        if not self.key and self.id:
+            self.key = "s:" + self.id
         if self.seq is _CLUSTER:
             self.seq = cluster_seq(self.ts_ms // 1000, self.ord)
 

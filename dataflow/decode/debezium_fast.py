@@ -3,7 +3,7 @@
 `events.parse` decodes every envelope through small helpers, each checking and
 wording its own errors, then validates the event: a dozen Python calls per
 message. Most Debezium messages have one shape: `op` c, r or u, `after` as an
-Extended JSON string whose `_id` text appears in the key, and a plain
+Extended JSON string whose ObjectId or string `_id` the key names, and a plain
 namespace. Given the payload `parse` has already read, this builds exactly
 that event, with the same checks and the same result, in one function. For
 anything else it returns None and `parse` goes on with its general path (from
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from dataflow import speedups
 from dataflow.decode import extjson
+from dataflow.decode.identity import id_key
 from dataflow.decode.order import debezium_seq
 from dataflow.decode.validate import MAX_ORD, MAX_SECONDS, check_namespace
-from dataflow.model import ChangeEvent, SourceMessage
+from dataflow.model import ChangeEvent, ObjectId, SourceMessage
 
 _KINDS = {"c": "insert", "r": "insert", "u": "update"}
 
@@ -60,15 +63,14 @@ def event(msg: SourceMessage, value: bytes, p: dict[str, Any]) -> ChangeEvent | 
         doc = extjson.loads(after, path="payload.after")
         if type(doc) is not dict:
             return None
-        id_value = doc.get("_id")
-        # An ObjectId (decoded to its hex) or long string _id found in the key agrees with it.
-        if type(id_value) is not str or len(id_value) < 12 or id_value.encode() not in key:
+        if not _key_agrees(key, doc.get("_id")):
             return None
         if not native.names_ok(doc):
             return None
     except Exception:  # whatever went wrong, the general path finds it again and words it
         return None
     seq = debezium_seq(ts_ms, ord_, source.get("version"))
+    id_value = doc["_id"]
     return ChangeEvent(
         db,
         coll,
@@ -86,4 +88,30 @@ def event(msg: SourceMessage, value: bytes, p: dict[str, Any]) -> ChangeEvent | 
         key,
         value,
         seq,
+        key=id_key(id_value),
     )
+
+
+def _key_agrees(key: bytes, id_value: Any) -> bool:
+    """Whether a Debezium key `{"id": "<Extended JSON>"}` names exactly this ObjectId or string `_id`.
+
+    Anything else (another type, another key shape, a mismatch) is left to the general path.
+    """
+    t = type(id_value)
+    if t is not ObjectId and t is not str:
+        return False
+    k = orjson.loads(key)
+    if type(k) is dict and len(k) == 2 and "schema" in k:
+        k = k.get("payload")
+    if type(k) is not dict or len(k) != 1:
+        return False
+    raw = k.get("id")
+    if type(raw) is not str:
+        return False
+    kid = orjson.loads(raw)
+    if t is str:
+        return type(kid) is str and kid == id_value
+    if type(kid) is not dict or len(kid) != 1:
+        return False
+    oid = kid.get("$oid")
+    return type(oid) is str and oid.lower() == id_value

@@ -46,6 +46,7 @@ from bytewax.connectors.kafka import KafkaSourceMessage
 from dataflow import speedups
 from dataflow.decode import connect, debezium_fast, extjson, validate
 from dataflow.decode.formats import Detections, Format, TopicTables
+from dataflow.decode.identity import id_key
 from dataflow.decode.order import debezium_seq
 from dataflow.decode.updates import Update, UpdateError
 from dataflow.model import (
@@ -156,6 +157,9 @@ class Decoder:
             ev, key_id = self._decode(msg, value)
             if type(ev) is Skipped:
                 return ev
+            problem = validate.bson_problem(ev, value)
+            if problem is not None:
+                return _dead(msg, value, Reason.INVALID_BSON, problem)
             if key_id is not _CHECKED:
                 err = validate.check_event(ev, key_id)
                 if err is not None:
@@ -512,6 +516,7 @@ def _event(
         db=db,
         collection=coll,
         id="" if id_value is _NO_ID else extjson.id_text(id_value),
+        key="" if id_value is _NO_ID else id_key(id_value),
         op=op,
         doc=doc,
         ts_ms=ts_ms,
@@ -615,7 +620,7 @@ def _key_id_text(msg: Any) -> str | None:
             return None
     except (_Reject, extjson.InvalidBson):
         return None
-    return None if k is _MISSING else extjson.id_text(k)
+    return None if k is _MISSING else id_key(k)
 
 
 def _document_key(msg: Any) -> Any:
@@ -780,13 +785,9 @@ def _debezium(msg: Any, value: bytes, p: dict) -> tuple[ChangeEvent, str | None]
     key_id: str | None = None
     if doc is not None and "_id" in doc:
         id_value = doc["_id"]
-        key = _as_bytes(_attr(msg, "key"))
-        # Fast path (most events): an ObjectId or long string _id whose text appears in the key
-        # agrees with it; decoding the key as well would cost as much as the document's _id.
-        if not (type(id_value) is str and len(id_value) >= 12 and key and id_value.encode() in key):
-            k = _key_id(msg, required=False)
-            if k is not _MISSING:
-                key_id = extjson.id_text(k)
+        k = _key_id(msg, required=False)
+        if k is not _MISSING:
+            key_id = id_key(k)
     else:
         filt = p.get("filter")  # legacy 1.x: '{"_id": ...}', the fallback for an unreadable key
         id_value = _key_id(msg, required=filt is None)
@@ -933,7 +934,7 @@ def _change_stream(msg: Any, value: bytes, d: dict) -> tuple[ChangeEvent | Skipp
     if dk is not None and "_id" in dk:
         id_value = dk["_id"]
         if doc is not None and "_id" in doc:
-            key_id = extjson.id_text(id_value)
+            key_id = id_key(id_value)
             id_value = doc["_id"]
     elif doc is not None and "_id" in doc:
         id_value = doc["_id"]

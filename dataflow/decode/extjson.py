@@ -32,21 +32,29 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import reprlib
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
+from bson.decimal128 import Decimal128
 
 from dataflow import speedups
-from dataflow.model import BsonTimestamp
+from dataflow.model import Binary, BsonTimestamp, DateMs, ExtValue, ObjectId, Uuid
 
-__all__ = ["InvalidBson", "decode", "id_text", "loads", "parse_json"]
+__all__ = ["InvalidBson", "canonical", "date_of_ms", "decode", "dumps", "id_text", "loads", "parse_json"]
 
 _HEX = "0123456789abcdefABCDEF"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+_MS = timedelta(milliseconds=1)
+_MIN_MS, _MAX_MS = -62_135_596_800_000, 253_402_300_799_999  # 0001-01-01 .. 9999-12-31T23:59:59.999
+_ISO_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?"
+)
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
 _UINT32_MAX = 2**32 - 1
@@ -74,19 +82,14 @@ class InvalidBson(ValueError):
 # --- one function per wrapper; each gets the wrapped value and the whole wrapper object
 
 
-def _text(_v: Any, d: dict) -> str:
-    return orjson.dumps(d).decode()
-
-
-def _oid(v: Any, _d: dict | None = None) -> str:
+def _oid(v: Any, _d: dict | None = None) -> ObjectId:
     if type(v) is str and len(v) == 24 and not v.strip(_HEX):
-        return v.lower()
+        return ObjectId(v.lower())
     raise InvalidBson(f"$oid must be a string of 24 hex digits, got {_show(v)}")
 
 
 def _integer(v: Any, what: str, bounds: tuple[int, int]) -> int:
-    t = type(v)
-    if t is str:
+    if type(v) is str:
         digits = v[1:] if v[:1] == "-" else v
         # isdigit() alone accepts non-ASCII digits; the length cap keeps int() away
         # from its 4300-digit limit (anything that long is out of range anyway).
@@ -95,8 +98,6 @@ def _integer(v: Any, what: str, bounds: tuple[int, int]) -> int:
             if bounds[0] <= n <= bounds[1]:
                 return n
             raise InvalidBson(f"{what} {v} is out of range")
-    elif t is int and bounds[0] <= v <= bounds[1]:
-        return v
     raise InvalidBson(f"{what} must be a decimal integer string, got {_show(v)}")
 
 
@@ -113,31 +114,43 @@ def _int64(v: Any, _d: dict) -> int:
 
 
 def _double(v: Any, _d: dict) -> float:
-    t = type(v)
-    if t is str:
+    if type(v) is str:
         special = _SPECIAL_DOUBLES.get(v)
         if special is not None:
             return special
         if _DOUBLE_RE.fullmatch(v):
             return float(v)
-    elif t is float or t is int:
-        return float(v)
     raise InvalidBson(f"$numberDouble must be a number string, NaN, Infinity or -Infinity, got {_show(v)}")
 
 
-def _decimal(v: Any, _d: dict) -> str:
+def _decimal(v: Any, _d: dict) -> Decimal128:
     if type(v) is str and _DECIMAL_RE.fullmatch(v):
-        return v
+        try:
+            return Decimal128(v)
+        except (ArithmeticError, ValueError):  # decimal.Inexact / InvalidOperation, out of range
+            raise InvalidBson(f"$numberDecimal {_show(v)} does not fit a Decimal128 exactly") from None
     raise InvalidBson(f"$numberDecimal must be a decimal number string, got {_show(v)}")
 
 
-def _date(v: Any, _d: dict) -> datetime:
+def date_of_ms(ms: int) -> datetime | DateMs:
+    """A BSON date: a UTC `datetime` in years 1..9999, else `DateMs` (BSON's range is int64 ms)."""
+    if _MIN_MS <= ms <= _MAX_MS:
+        return _EPOCH + timedelta(milliseconds=ms)
+    return DateMs(ms)
+
+
+def _date(v: Any, _d: dict) -> datetime | DateMs:
     t = type(v)
     if t is str:
+        m = _ISO_RE.fullmatch(v)
+        if m is None:
+            raise InvalidBson(f"$date is not an ISO-8601 date-time with a time zone: {_show(v)}")
         try:
             dt = datetime.fromisoformat(v)
         except ValueError:
             raise InvalidBson(f"$date is not an ISO-8601 date-time: {_show(v)}") from None
+        if dt.microsecond % 1000:
+            raise InvalidBson(f"$date {_show(v)} is finer than a millisecond, which BSON dates cannot hold")
         tz = dt.tzinfo
         if tz is UTC:
             return dt
@@ -145,23 +158,22 @@ def _date(v: Any, _d: dict) -> datetime:
             return dt.replace(tzinfo=UTC)
         try:
             return dt.astimezone(UTC)
-        except OverflowError:
-            raise InvalidBson(f"$date {v} is outside the supported range (years 1-9999)") from None
+        except OverflowError:  # the offset moves it past year 1 or 9999
+            return DateMs((dt.replace(tzinfo=None) - _NAIVE_EPOCH) // _MS - int(dt.utcoffset() / _MS))
     if t is dict:
         if len(v) != 1 or "$numberLong" not in v:
             raise InvalidBson(f'$date object must be {{"$numberLong": "<ms>"}}, got {_show(v)}')
         ms = _integer(v["$numberLong"], "$date.$numberLong", _INT64)
-    elif t is int:
+    elif t is int and _INT64[0] <= v <= _INT64[1]:
+        # Not in the spec (it calls this a parse error), but MongoDB's Kafka connector writes dates
+        # so by default (its DefaultJson formatter, the Java driver's legacy strict mode).
         ms = v
     else:
         raise InvalidBson(f"$date must be an ISO string, a $numberLong or an integer, got {_show(v)}")
-    try:
-        return _EPOCH + timedelta(milliseconds=ms)
-    except OverflowError:
-        raise InvalidBson(f"$date {ms} ms is outside the supported range (years 1-9999)") from None
+    return date_of_ms(ms)
 
 
-def _bin(b64: Any, subtype: Any) -> bytes | str:
+def _bin(b64: Any, subtype: Any) -> bytes | Binary | Uuid:
     if type(subtype) is not str or not 1 <= len(subtype) <= 2 or subtype.strip(_HEX):
         raise InvalidBson(f"binary subtype must be 1-2 hex digits, got {_show(subtype)}")
     if type(b64) is not str:
@@ -170,18 +182,21 @@ def _bin(b64: Any, subtype: Any) -> bytes | str:
         data = base64.b64decode(b64, validate=True)
     except ValueError:  # binascii.Error, or non-ASCII text
         raise InvalidBson(f"binary payload is not valid base64: {_show(b64)}") from None
-    if len(data) == 16 and subtype in _UUID_SUBTYPES:
-        return str(uuid.UUID(bytes=data))
-    return data
+    sub = int(subtype, 16)
+    if sub == 0:
+        return data
+    if sub == 4 and len(data) == 16:
+        return Uuid(str(uuid.UUID(bytes=data)))
+    return Binary(data, sub)
 
 
-def _binary(v: Any, _d: dict) -> bytes | str:
+def _binary(v: Any, _d: dict) -> bytes | Binary | Uuid:
     if type(v) is dict and len(v) == 2 and "base64" in v and "subType" in v:
         return _bin(v["base64"], v["subType"])
     raise InvalidBson(f'$binary must be {{"base64": .., "subType": ..}} (or v1 with "$type"), got {_show(v)}')
 
 
-def _uuid(v: Any, _d: dict) -> str:
+def _uuid(v: Any, _d: dict) -> Uuid:
     if type(v) is str and len(v) == 36:
         try:
             text = str(uuid.UUID(v))
@@ -189,7 +204,7 @@ def _uuid(v: Any, _d: dict) -> str:
             pass
         else:
             if text == v.lower():
-                return text
+                return Uuid(text)
     raise InvalidBson(f"$uuid must be a hyphenated 36-character UUID string, got {_show(v)}")
 
 
@@ -201,42 +216,49 @@ def _timestamp(v: Any, _d: dict) -> BsonTimestamp:
     raise InvalidBson(f'$timestamp must be {{"t": uint32, "i": uint32}}, got {_show(v)}')
 
 
-def _regex(v: Any, d: dict) -> str:
-    if type(v) is dict and len(v) == 2 and type(v.get("pattern")) is str and type(v.get("options")) is str:
-        return _text(v, d)
+def _regex_value(pattern: Any, options: Any) -> ExtValue:
+    if type(pattern) is not str or type(options) is not str:
+        raise InvalidBson(f"a regular expression needs a pattern and options strings, got {_show(pattern)}")
+    if "\x00" in pattern or "\x00" in options:
+        raise InvalidBson("a regular expression cannot hold a NUL character (BSON stores it as a C string)")
+    return ExtValue({"$regularExpression": {"pattern": pattern, "options": "".join(sorted(options))}})
+
+
+def _regex(v: Any, _d: dict) -> ExtValue:
+    if type(v) is dict and len(v) == 2 and "pattern" in v and "options" in v:
+        return _regex_value(v["pattern"], v["options"])
     raise InvalidBson(f'$regularExpression must be {{"pattern": str, "options": str}}, got {_show(v)}')
 
 
-def _code(v: Any, d: dict) -> str:
+def _code(v: Any, _d: dict) -> ExtValue:
     if type(v) is str:
-        return _text(v, d)
+        return ExtValue({"$code": v})
     raise InvalidBson(f"$code must be a string, got {_show(v)}")
 
 
-def _min_max(v: Any, d: dict) -> str:
+def _min_max(v: Any, d: dict) -> ExtValue:
     if type(v) is int and v == 1:
-        return _text(v, d)
+        return ExtValue({next(iter(d)): 1})
     raise InvalidBson(f"{next(iter(d))} must be 1, got {_show(v)}")
 
 
-def _symbol(v: Any, _d: dict) -> str:
+def _symbol(v: Any, _d: dict) -> ExtValue:
     if type(v) is str:
-        return v
+        return ExtValue({"$symbol": v})
     raise InvalidBson(f"$symbol must be a string, got {_show(v)}")
 
 
-def _db_pointer(v: Any, d: dict) -> str:
+def _db_pointer(v: Any, _d: dict) -> ExtValue:
     if type(v) is dict and len(v) == 2 and type(v.get("$ref")) is str:
         oid = v.get("$id")
         if type(oid) is dict and len(oid) == 1 and "$oid" in oid:
-            _oid(oid["$oid"])
-            return _text(v, d)
+            return ExtValue({"$dbPointer": {"$ref": v["$ref"], "$id": {"$oid": str(_oid(oid["$oid"]))}}})
     raise InvalidBson(f'$dbPointer must be {{"$ref": str, "$id": {{"$oid": ..}}}}, got {_show(v)}')
 
 
-def _undefined(v: Any, d: dict) -> str:
+def _undefined(v: Any, _d: dict) -> ExtValue:
     if v is True:
-        return _text(v, d)
+        return ExtValue({"$undefined": True})
     raise InvalidBson(f"$undefined must be true, got {_show(v)}")
 
 
@@ -280,11 +302,11 @@ def _dollar(d: dict) -> Any:
             return _bin(d["$binary"], d["$type"])
         if "$code" in d and "$scope" in d:
             if type(d["$code"]) is str and type(d["$scope"]) is dict:
-                return orjson.dumps(d).decode()
+                return ExtValue({"$code": d["$code"], "$scope": decode(d["$scope"], path="$scope")})
             raise InvalidBson('{"$code", "$scope"} needs a string and a document')
         if "$regex" in d and "$options" in d:  # v1 regex, unless it is the query operator
             if type(d["$regex"]) is str and type(d["$options"]) is str:
-                return orjson.dumps(d).decode()
+                return _regex_value(d["$regex"], d["$options"])
             return _PLAIN
     for k in d:
         if k in _WRAPPER_KEYS:
@@ -433,35 +455,87 @@ def loads(text: str | bytes, *, path: str = "") -> Any:
     return decode(value, path=path) if maybe else value
 
 
-def _id_default(o: Any) -> Any:
-    if isinstance(o, datetime):
-        return {"$date": o.isoformat()}
-    if isinstance(o, bytes | bytearray | memoryview):
-        return {"$binary": base64.b64encode(o).decode("ascii")}
-    if isinstance(o, BsonTimestamp):
+# --- writing: canonical Extended JSON v2 for every value JSON has no type for
+
+
+def _ms_of(d: datetime) -> int:
+    d = d.replace(tzinfo=UTC) if d.tzinfo is None else d
+    delta = d - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def canonical(o: Any) -> Any:
+    """orjson's `default`: the canonical Extended JSON v2 object of a decoded non-JSON value."""
+    t = type(o)
+    if t is ObjectId:
+        return {"$oid": str(o)}
+    if t is datetime:
+        return {"$date": {"$numberLong": str(_ms_of(o))}}
+    if t is DateMs:
+        return {"$date": {"$numberLong": str(o.ms)}}
+    if t is Decimal128:
+        return {"$numberDecimal": str(o)}
+    if t is ExtValue:
+        return o.canonical
+    if t is bytes:
+        return {"$binary": {"base64": base64.b64encode(o).decode("ascii"), "subType": "00"}}
+    if t is Binary:
+        return {
+            "$binary": {"base64": base64.b64encode(o.data).decode("ascii"), "subType": f"{o.subtype:02x}"}
+        }
+    if t is Uuid:
+        return {
+            "$binary": {"base64": base64.b64encode(uuid.UUID(o.text).bytes).decode("ascii"), "subType": "04"}
+        }
+    if t is BsonTimestamp:
         return {"$timestamp": {"t": o.t, "i": o.i}}
-    raise TypeError(f"cannot render {type(o).__name__} in an _id")
+    if t is date:  # a Kafka Connect Date (schema-wrapped records): midnight UTC, as a BSON date
+        return {"$date": {"$numberLong": str(_ms_of(datetime(o.year, o.month, o.day)))}}
+    if isinstance(o, bytes | bytearray | memoryview):
+        return canonical(bytes(o))
+    raise TypeError(f"no Extended JSON form for a {t.__name__} value")
+
+
+def _finite(v: Any) -> Any:
+    """Copy of `v` with NaN/Infinity as `$numberDouble`, since orjson writes them as null."""
+    t = type(v)
+    if t is float and not math.isfinite(v):
+        return {"$numberDouble": "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")}
+    if t is dict:
+        return {k: _finite(x) for k, x in v.items()}
+    if t is list or t is tuple:
+        return [_finite(x) for x in v]
+    if t is ExtValue:
+        return ExtValue(_finite(v.canonical))
+    return v
+
+
+DUMPS_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def dumps(v: Any) -> bytes:
+    """Relaxed JSON for what JSON has (numbers stay numbers), canonical Extended JSON v2 for the rest.
+
+    Raises orjson.JSONEncodeError for what no JSON text can hold (an integer
+    past 64 bits, nesting deeper than orjson writes).
+    """
+    out = orjson.dumps(v, default=canonical, option=DUMPS_OPTIONS)
+    if b"null" in out:  # maybe a NaN/Infinity that orjson turned into null: redo the slow way
+        out = orjson.dumps(_finite(v), default=canonical, option=DUMPS_OPTIONS)
+    return out
 
 
 def id_text(value: Any) -> str:
-    """The decoded `_id` as text, for keying rows.
+    """The decoded `_id` as readable text: the `_id` column (the MERGE key is `identity.id_key`).
 
-    ObjectId (already its hex), str and Decimal128 (already str) are themselves,
-    integers are `str(n)`; integral doubles are written like the integer, because
-    MongoDB compares numbers by value, so `_id: 42` and `_id: 42.0` are the same
-    key in the collection. Anything else (documents, dates, binary, ...) is
-    compact JSON, with dates, binary and timestamps as `$date` / `$binary` /
-    `$timestamp` objects; document key order is kept because MongoDB's is
-    significant.
-
-    Caveat: the text loses the type, so distinct `_id`s can collide: int 42 and
-    string "42"; an ObjectId and the string of its hex; a UUID and its string;
-    a document `{"$date": ...}` and a date. Collections that mix `_id` types like
-    that would need a typed key.
+    Strings, ObjectIds (their hex) and UUIDs are themselves, Decimal128 its
+    canonical string, integers `str(n)`, integral doubles like the integer;
+    anything else is its `dumps` text. Distinct `_id`s can share a text (42 and
+    "42"): the typed key tells them apart.
     """
     t = type(value)
-    if t is str:
-        return value
+    if t is str or t is ObjectId:
+        return str(value)
     if t is int:
         return str(value)
     if t is float:
@@ -472,4 +546,8 @@ def id_text(value: Any) -> str:
         if value in (float("inf"), float("-inf")):
             return "Infinity" if value > 0 else "-Infinity"
         return repr(value)
-    return orjson.dumps(value, default=_id_default, option=orjson.OPT_PASSTHROUGH_DATETIME).decode()
+    if t is Uuid:
+        return value.text
+    if t is Decimal128:
+        return str(value)
+    return dumps(value).decode()

@@ -6,11 +6,13 @@ keyed and stored as a row. A non-None result is the SCHEMA_VALIDATION_FAILED tex
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Any
 
 from dataflow import speedups
-from dataflow.decode.extjson import id_text
-from dataflow.model import DDL_OPS, ChangeEvent
+from dataflow.decode.identity import id_key
+from dataflow.model import DDL_OPS, ChangeEvent, ExtValue
 
 _OPS = frozenset({"insert", "update", "replace", "delete", "drop", "rename"})
 _BAD_DB_CHARS = frozenset('/\\. "$\x00')  # MongoDB refuses these in database names
@@ -45,6 +47,50 @@ def check_field_names(names: Iterable[str]) -> str | None:
     return None
 
 
+# Text that may hold what BSON cannot: a NUL in a field name (JSON must escape it), or an
+# integer of 2**63 or more (orjson reads up to 2**64 - 1). Only a message that has one is walked.
+_NUL = b"\\u0000"
+_WIDE_INT = re.compile(rb"9[2-9][0-9]{17}|[0-9]{20}")
+_INT64_MAX = 2**63 - 1
+
+
+def _bson_problem(value: Any, path: str) -> str | None:
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        t = type(v)
+        if t is dict:
+            for k, x in v.items():
+                if "\x00" in k:
+                    return f"field name {k!r} at {where or '<root>'} holds a NUL character"
+                stack.append((x, f"{where}.{k}" if where else k))
+        elif t is list or t is tuple:
+            stack.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
+        elif t is ExtValue:
+            stack.append((v.canonical, where))
+        elif t is int and v > _INT64_MAX:
+            return f"integer {v} at {where or '<root>'} is beyond int64, the widest BSON integer"
+    return None
+
+
+def bson_problem(ev: ChangeEvent, raw: bytes) -> str | None:
+    """Error text if the event holds a value BSON cannot (the INVALID_BSON text), else None."""
+    if _NUL not in raw and _WIDE_INT.search(raw) is None:
+        return None
+    if ev.doc is not None:
+        return _bson_problem(ev.doc, "")
+    if ev.updated is not None:
+        err = _bson_problem(ev.updated, "")
+        if err:
+            return err
+    if ev.change is not None:
+        for path, v in ev.change.set:
+            err = _bson_problem(v, ".".join(map(str, path)))
+            if err:
+                return err
+    return None
+
+
 def _check_ddl(ev: ChangeEvent) -> str | None:
     err = check_namespace(ev.db, ev.collection or "-")  # no collection: a dropDatabase
     if err:
@@ -59,7 +105,7 @@ def _check_ddl(ev: ChangeEvent) -> str | None:
 def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
     """Error text if `ev` cannot be applied, else None.
 
-    `key_id` is the `_id` text the message key (or change-stream documentKey)
+    `key_id` is the `_id` key (`identity.id_key`) the message key (or change-stream documentKey)
     carried, when it differs in origin from the one in `ev.doc`; they must agree.
     """
     if ev.ts_ms < 0 or ev.ts_ms // 1000 > MAX_SECONDS:
@@ -70,8 +116,8 @@ def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
         return _check_ddl(ev)
     if not ev.id:
         return "empty _id"
-    if key_id is not None and key_id != ev.id:
-        return f"key _id {key_id!r} disagrees with document _id {ev.id!r}"
+    if key_id is not None and key_id != ev.key:
+        return f"key _id {key_id!r} disagrees with document _id {ev.key!r}"
     if ev.op not in _OPS:  # pragma: no cover - the decoder makes only these
         return f"unknown op {ev.op!r}"
     err = check_namespace(ev.db, ev.collection)
@@ -81,8 +127,8 @@ def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
     if doc is not None:
         if "_id" not in doc:
             return "document has no _id"
-        if id_text(doc["_id"]) != ev.id:
-            return f"document _id {id_text(doc['_id'])!r} disagrees with event id {ev.id!r}"
+        if id_key(doc["_id"]) != ev.key:
+            return f"document _id {id_key(doc['_id'])!r} disagrees with event key {ev.key!r}"
         return check_field_names(doc)
     if ev.op == "delete":
         return None
@@ -98,7 +144,7 @@ def check_event(ev: ChangeEvent, key_id: str | None = None) -> str | None:
         return err
     if "_id" in removed:
         return "partial update removes _id"
-    if "_id" in updated and id_text(updated["_id"]) != ev.id:
+    if "_id" in updated and id_key(updated["_id"]) != ev.key:
         return "partial update changes _id"
     if removed and not updated.keys().isdisjoint(removed):
         return f"fields both set and removed: {sorted(updated.keys() & set(removed))}"

@@ -3,18 +3,23 @@
 MongoDB documents have no fixed schema, so a field can be an int in one change
 and a string or a sub-document in the next. The rules, applied per field:
 
-* a new column takes the natural type of the values in its first batch
-  (`str` string, `int` int64, `float` or int+float float64, `bool` bool,
-  `datetime` timestamp[us, UTC], `date` date, `bytes` binary, `BsonTimestamp`
-  struct<t:int64, i:int64>); dicts, lists and any other mix are JSON text;
+* every BSON type has one column kind (the README's type mapping): string,
+  ObjectId (`objectid`, its hex as a string), int32/int64 (`int64`), double
+  (`float64`), bool, date (`timestamp`, UTC microseconds), binary of the generic
+  subtype (`binary`), UUID (`uuid`, its hyphenated text), Decimal128
+  (`decimal`, its canonical string), timestamp (`bsonts`, struct<t, i>).
+  Documents, arrays, binary of other subtypes and the rest (regex, code,
+  minKey, ...) are JSON text (`json`);
+* a new column takes the kind of the first non-null value the table receives
+  for the field, in change order. How changes fall into batches never matters;
 * an existing column never changes type (Delta cannot retype a column in
-  place). Values that don't fit it (a float in an int64 column, an int in a
-  string column, ...) go, as JSON text, to a companion column
-  `<column>__json` that is added the first time it is needed. A reader
-  recovers the field as `coalesce(<column>, <column>__json)`;
-* JSON text is orjson output with MongoDB Extended JSON v2 (relaxed) for what
-  JSON cannot say: `{"$date": ISO-8601}`, `{"$binary": ...}`,
-  `{"$timestamp": {"t", "i"}}`, `{"$numberDouble": "NaN"}`.
+  place). A value of another kind (a double in an int64 column, a string in an
+  ObjectId column, a date past what timestamp[us] holds) goes, as JSON text, to
+  a companion column `<column>__json` added the first time it is needed. A
+  reader recovers the field as `coalesce(<column>, <column>__json)`;
+* JSON text is relaxed JSON for what JSON has (numbers, strings, booleans,
+  null) and canonical Extended JSON v2 for every other value, written once
+  (`dataflow.decode.extjson.dumps`).
 
 The table schema is the record of these decisions: every column carries field
 metadata (`cdc.field`, `cdc.kind`, `cdc.role`) written in the same commit that
@@ -24,21 +29,35 @@ adds the column, so later batches and restarted processes rebuild the same
 
 from __future__ import annotations
 
-import base64
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
 import pyarrow as pa
+from bson.decimal128 import Decimal128
 
 from dataflow import speedups
-from dataflow.model import BsonTimestamp, Reason
+from dataflow.decode import extjson
+from dataflow.model import Binary, BsonTimestamp, DateMs, ExtValue, ObjectId, Reason, Uuid
 from dataflow.runtime.failures import BadData
 
-Kind = Literal["string", "int64", "float64", "bool", "timestamp", "date", "binary", "bsonts", "json", "other"]
+Kind = Literal[
+    "string",
+    "objectid",
+    "int64",
+    "float64",
+    "bool",
+    "timestamp",
+    "date",
+    "binary",
+    "uuid",
+    "decimal",
+    "bsonts",
+    "json",
+    "other",
+]
 Role = Literal["value", "json_fallback", "meta"]
 
 BSON_TIMESTAMP = pa.struct([pa.field("t", pa.int64()), pa.field("i", pa.int64())])
@@ -48,38 +67,59 @@ _VALUE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
+    "objectid": pa.string(),
     "int64": pa.int64(),
     "float64": pa.float64(),
     "bool": pa.bool_(),
     "timestamp": TIMESTAMP_UTC,
     "date": pa.date32(),  # a Kafka Connect Date in a schema-wrapped record; BSON has none
     "binary": pa.binary(),
+    "uuid": pa.string(),
+    "decimal": pa.string(),
     "bsonts": BSON_TIMESTAMP,
     "json": pa.string(),
 }
+_TYPED = (
+    "string",
+    "objectid",
+    "int64",
+    "float64",
+    "bool",
+    "timestamp",
+    "date",
+    "binary",
+    "uuid",
+    "decimal",
+    "bsonts",
+)
 
-# Which value kinds a column of a given kind can hold without loss of meaning.
+# Which value kinds a column of a given kind holds: its own only (an int in a double column
+# would read back as a double), except JSON text, which holds anything.
 ACCEPTS: dict[str, frozenset[str]] = {
-    "int64": frozenset({"int64"}),
-    "float64": frozenset({"int64", "float64"}),
     "json": frozenset(ARROW_TYPES),
     "other": frozenset(),
-    **{k: frozenset({k}) for k in ("string", "bool", "timestamp", "date", "binary", "bsonts")},
+    **{k: frozenset({k}) for k in _TYPED},
 }
 
 _KIND_OF_TYPE: dict[type, str | None] = {
     type(None): None,
     str: "string",
+    ObjectId: "objectid",
     int: "int64",
     float: "float64",
     bool: "bool",
     datetime: "timestamp",
+    DateMs: "timestamp",
     date: "date",
     bytes: "binary",
+    Uuid: "uuid",
+    Decimal128: "decimal",
     BsonTimestamp: "bsonts",
     dict: "json",
     list: "json",
     tuple: "json",
+    Binary: "json",
+    ExtValue: "json",
 }
 
 
@@ -107,67 +147,33 @@ def kind_of(t: type) -> str | None:
     return kind
 
 
-def natural_kind(kinds: Iterable[str]) -> str:
-    """Column kind for a new field whose first batch held these value kinds."""
-    ks = set(kinds)
-    if len(ks) == 1:
-        return ks.pop()
-    if ks == {"int64", "float64"}:
-        return "float64"
-    return "json"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_MIN_US_MS, _MAX_US_MS = -(2**63) // 1000 + 1, (2**63 - 1) // 1000  # dates timestamp[us] holds, in ms
+
+
+def _fits_timestamp(v: Any) -> bool:
+    return type(v) is not DateMs or _MIN_US_MS <= v.ms <= _MAX_US_MS
+
+
+FirstKind = Callable[[str], str]  # a new field's first non-null value kind, in change order
 
 
 # ---------------------------------------------------------------- JSON text
 
 
-def _iso(d: datetime) -> str:
-    d = d.replace(tzinfo=UTC) if d.tzinfo is None else d.astimezone(UTC)
-    spec = "milliseconds" if d.microsecond % 1000 == 0 else "microseconds"
-    return d.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, datetime):
-        return {"$date": _iso(o)}
-    if isinstance(o, date):
-        return {"$date": _iso(datetime(o.year, o.month, o.day, tzinfo=UTC))}
-    if isinstance(o, BsonTimestamp):
-        return {"$timestamp": {"t": o.t, "i": o.i}}
-    if isinstance(o, bytes | bytearray | memoryview):
-        return {"$binary": {"base64": base64.b64encode(o).decode("ascii"), "subType": "00"}}
-    raise TypeError(f"cannot store a {type(o).__name__} value as JSON text")
-
-
-def _finite(v: Any) -> Any:
-    """Copy of `v` with NaN/Infinity as Extended JSON, since orjson writes them as null."""
-    t = type(v)
-    if t is float and not math.isfinite(v):
-        return {"$numberDouble": "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")}
-    if t is dict:
-        return {k: _finite(x) for k, x in v.items()}
-    if t is list or t is tuple:
-        return [_finite(x) for x in v]
-    return v
-
-
-_JSON_OPTS = orjson.OPT_PASSTHROUGH_DATETIME
-
-
 def to_json_bytes(v: Any) -> bytes:
-    """Lossless JSON text, UTF-8, for any decoded value (Extended JSON for non-JSON types).
+    """JSON text, UTF-8, for any decoded value (`extjson.dumps`); a value no JSON holds is bad data.
 
     Arrow takes the bytes for a string column as they are: no Python str is built.
     """
     try:
-        out = orjson.dumps(v, default=_json_default, option=_JSON_OPTS)
+        return extjson.dumps(v)
     except orjson.JSONEncodeError as e:
-        if e.__cause__ is not None:  # `_json_default` refused a type the decoder made: ours to fix
+        if e.__cause__ is not None:  # `extjson.canonical` refused a type the decoder made: ours to fix
             raise
         # orjson's own refusals: an integer past 64 bits, nesting deeper than it writes
         raise BadData(Reason.DELTA_WRITE_ERROR, f"value cannot be stored as JSON text: {e}") from e
-    if b"null" in out:  # maybe a NaN/Infinity that orjson turned into null: redo the slow way
-        out = orjson.dumps(_finite(v), default=_json_default, option=_JSON_OPTS)
-    return out
 
 
 # ---------------------------------------------------------------- layout
@@ -254,15 +260,26 @@ class Layout:
             self._add(c)
         return new
 
-    def plan(self, kinds: Mapping[str, frozenset[str]]) -> list[Column]:
-        """Add the columns this batch needs (new fields, first drift of a field); return them."""
+    def plan(self, kinds: Mapping[str, frozenset[str]], first: FirstKind) -> list[Column]:
+        """Add the columns this batch needs (new fields, first drift of a field); return them.
+
+        A new field takes the kind of its first value in change order, which
+        `first` finds (in merge mode an earlier change of a document may have
+        held another kind than the collapsed row does).
+        """
         new = []
         for field, ks in kinds.items():
             if not ks:  # only nulls: nothing to decide, absent and null read the same
                 continue
             main = self.value.get(field)
             if main is None:
-                c = Column(self.claim(field), natural_kind(ks), "value", field)
+                kind = first(field)
+                c = Column(self.claim(field), kind, "value", field)
+                self._add(c)
+                new.append(c)
+                if ks <= ACCEPTS[kind]:
+                    continue
+                c = Column(self.claim(f"{c.name}__json"), "json", "json_fallback", field)
             elif ks <= ACCEPTS[main.kind] or field in self.fallback:
                 continue
             else:
@@ -289,12 +306,17 @@ def field_values(rows: Iterable[Mapping[str, Any]], n: int, skip: str = "_id") -
     return cols
 
 
+def _kinds(types: Iterable[type], col: list[Any]) -> frozenset[str]:
+    """Non-null value kinds of a field from its value types; a date past timestamp[us] adds `json`."""
+    ks = frozenset(k for k in map(kind_of, types) if k is not None)
+    if DateMs in types and not all(map(_fits_timestamp, col)):
+        ks |= {"json"}
+    return ks
+
+
 def field_kinds(values: Mapping[str, list[Any]]) -> dict[str, frozenset[str]]:
     """Non-null value kinds per field."""
-    out = {}
-    for field, col in values.items():
-        out[field] = frozenset(k for k in map(kind_of, set(map(type, col))) if k is not None)
-    return out
+    return {field: _kinds(set(map(type, col)), col) for field, col in values.items()}
 
 
 def field_columns(
@@ -310,9 +332,7 @@ def field_columns(
         out = native.columns(rows, len(rows), skip)
         if out is not None:
             values, types = out
-            return values, {
-                f: frozenset(k for k in map(kind_of, ts) if k is not None) for f, ts in types.items()
-            }
+            return values, {f: _kinds(ts, values[f]) for f, ts in types.items()}
     values = field_values(rows, len(rows), skip)
     return values, field_kinds(values)
 
@@ -328,7 +348,9 @@ def json_array(values: list[Any]) -> pa.Array:
     native = speedups.native
     if native is not None:
         try:
-            split = native.json_elements(orjson.dumps(values, default=_json_default, option=_JSON_OPTS))
+            split = native.json_elements(
+                orjson.dumps(values, default=extjson.canonical, option=extjson.DUMPS_OPTIONS)
+            )
         except orjson.JSONEncodeError:  # too deep as one list, say: the one-by-one path decides
             split = None
         if split is not None and len(split[0]) == len(values):
@@ -340,34 +362,35 @@ def json_array(values: list[Any]) -> pa.Array:
     return pa.array([None if v is None else to_json_bytes(v) for v in values], pa.string())
 
 
+def _micros(values: list[Any]) -> pa.Array:
+    """Dates (datetimes and `DateMs` within range) as timestamp[us] through their microseconds."""
+    us = [None if v is None else v.ms * 1000 if type(v) is DateMs else (v - _EPOCH) // _US for v in values]
+    return pa.array(us, pa.int64()).cast(TIMESTAMP_UTC)
+
+
 def to_array(values: list[Any], column: Column) -> pa.Array:
     """One Arrow array for the column from Python values that fit it (or are None)."""
-    if column.kind == "json":
+    kind = column.kind
+    if kind == "json":
         return json_array(values)
-    if column.kind == "other":  # nothing fits a foreign-typed column
+    if kind == "other":  # nothing fits a foreign-typed column
         return pa.nulls(len(values), column.type)
+    if kind == "uuid":
+        return pa.array([None if v is None else v.text for v in values], pa.string())
+    if kind == "decimal":
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
     native = speedups.native
-    if column.kind == "timestamp" and native is not None:
-        # Decoded dates are UTC datetimes: their microseconds straight into the Arrow buffers.
-        bufs = native.timestamps_us(values)
-        if bufs is not None:
-            data, valid, nulls = bufs
-            buffers = [None if valid is None else pa.py_buffer(valid), pa.py_buffer(data)]
-            return pa.Array.from_buffers(TIMESTAMP_UTC, len(values), buffers, null_count=nulls)
+    if kind == "timestamp":
+        if DateMs in set(map(type, values)):
+            return _micros(values)
+        if native is not None:
+            # Decoded dates are UTC datetimes: their microseconds straight into the Arrow buffers.
+            bufs = native.timestamps_us(values)
+            if bufs is not None:
+                data, valid, nulls = bufs
+                buffers = [None if valid is None else pa.py_buffer(valid), pa.py_buffer(data)]
+                return pa.Array.from_buffers(TIMESTAMP_UTC, len(values), buffers, null_count=nulls)
     return pa.array(values, column.type)
-
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _refuse_wide_integers(field: str, values: list[Any]) -> None:
-    """An integer past int64 in a float64 column: Arrow would round it to a double without a word.
-
-    BSON has no such integer; the document's value would change, so the event is refused.
-    """
-    for v in values:
-        if type(v) is int and not _INT64_MIN <= v <= _INT64_MAX:
-            raise BadData(Reason.DELTA_WRITE_ERROR, f"field {field!r}: integer {v} is beyond int64")
 
 
 def build_arrays(
@@ -382,14 +405,12 @@ def build_arrays(
         ok = ACCEPTS[main.kind]
         fb = layout.fallback.get(field)
         try:
-            if main.kind == "float64" and "int64" in kinds[field]:
-                _refuse_wide_integers(field, col)
             if not kinds[field]:
                 out[main.name] = pa.nulls(len(col), main.type)
             elif kinds[field] <= ok:
                 out[main.name] = to_array(col, main)
             else:
-                fits = [v is None or kind_of(type(v)) in ok for v in col]
+                fits = [v is None or (kind_of(type(v)) in ok and _fits_timestamp(v)) for v in col]
                 out[main.name] = to_array([v if f else None for v, f in zip(col, fits, strict=True)], main)
                 out[fb.name] = json_array(  # type: ignore[union-attr]
                     [None if f else v for v, f in zip(col, fits, strict=True)]

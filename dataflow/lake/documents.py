@@ -14,23 +14,35 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from bson.decimal128 import Decimal128
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from dataflow.decode import extjson
 from dataflow.lake.columns import Column, Layout
-from dataflow.model import BsonTimestamp
+from dataflow.model import BsonTimestamp, ObjectId, Uuid
 
 ID = "_id"
 
 
 def _values(col: pa.ChunkedArray, column: Column) -> list[Any]:
+    kind = column.kind
+    if kind == "timestamp":  # through the microseconds: a date past year 9999 is no datetime
+        return [
+            None if v is None else extjson.date_of_ms(v // 1000) for v in col.cast(pa.int64()).to_pylist()
+        ]
     values = col.to_pylist()
-    if column.kind == "json":
+    if kind == "json":
         return [None if v is None else extjson.loads(v) for v in values]
-    if column.kind == "bsonts":
+    if kind == "bsonts":
         return [None if v is None else BsonTimestamp(v["t"], v["i"]) for v in values]
-    return values  # pyarrow gives str, int, float, bool, bytes, date and UTC datetimes as they were
+    if kind == "objectid":
+        return [None if v is None else ObjectId(v) for v in values]
+    if kind == "uuid":
+        return [None if v is None else Uuid(v) for v in values]
+    if kind == "decimal":
+        return [None if v is None else Decimal128(v) for v in values]
+    return values  # pyarrow gives str, int, float, bool, bytes and dates as they were
 
 
 def read_documents(
@@ -41,11 +53,13 @@ def read_documents(
     fields: Iterable[str] | None = None,
     where: pc.Expression | None = None,
     meta: Iterable[str] = (),
+    by: str = ID,
 ) -> dict[str, dict[str, Any]]:
-    """Documents by `_id` text: all, or those of `ids`; every field, or only `fields`.
+    """Documents by `_id` text (or by `by`, `_key`): all, or those of `ids`; every field, or only `fields`.
 
     `meta` names pipeline columns (`_seq`, `_ts`) to add under their own names.
     A field whose columns are both null is absent (null and absent read the same).
+    By `_id` text, documents whose `_id`s share a text (42 and "42") share an entry: the last wins.
     """
     wanted = set(fields) if fields is not None else None
     columns: list[tuple[str, Column]] = []
@@ -55,18 +69,18 @@ def read_documents(
             fb = layout.fallback.get(name)
             if fb is not None:
                 columns.append((name, fb))
-    names = [ID, *[c.name for _, c in columns], *meta]
+    names = list(dict.fromkeys([by, *[c.name for _, c in columns], *meta]))
     flt = where
     if ids is not None:
         ids = list(ids)
         if not ids:
             return {}
-        match = pc.field(ID).isin(ids)
+        match = pc.field(by).isin(ids)
         flt = match if flt is None else (flt & match)
     table = dt.to_pyarrow_dataset().to_table(columns=names, filter=flt)
-    docs: dict[str, dict[str, Any]] = {i: {} for i in table.column(ID).to_pylist()}
+    docs: dict[str, dict[str, Any]] = {i: {} for i in table.column(by).to_pylist()}
     order = list(docs)
-    rows = table.column(ID).to_pylist()
+    rows = table.column(by).to_pylist()
     for name in meta:
         for i, v in zip(rows, table.column(name).to_pylist(), strict=True):
             docs[i][name] = v

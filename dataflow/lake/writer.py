@@ -29,10 +29,12 @@ from deltalake.exceptions import TableNotFoundError
 from dataflow.decode.updates import Update
 from dataflow.lake.columns import (
     Column,
+    FirstKind,
     Layout,
     build_arrays,
     field_columns,
     json_array,
+    kind_of,
 )
 from dataflow.lake.documents import read_documents
 from dataflow.model import DDL_OPS, ChangeEvent
@@ -47,7 +49,8 @@ _SOURCE_META = (
     Column("_source_offset", "int64", "meta"),
 )
 _MERGE_META = (
-    Column("_id", "string", "meta"),
+    Column("_id", "string", "meta"),  # readable; distinct _ids can share a text (42 and "42")
+    Column("_key", "string", "meta"),  # which document, by MongoDB's equality: the MERGE key
     Column("_seq", "int64", "meta"),
     Column("_op", "string", "meta"),
     Column("_ts", "timestamp", "meta"),
@@ -87,6 +90,7 @@ class WriteResult:
 class _Row:
     """The collapsed effect of a batch's events on one `_id`."""
 
+    key: str
     id: str
     action: Literal["upsert", "patch", "delete"]
     values: dict[str, Any] | None  # upsert: the whole doc; patch: fields set (removed ones as None)
@@ -123,7 +127,7 @@ def _patch_values(e: ChangeEvent) -> dict[str, Any]:
     return vals
 
 
-Stored = Callable[[str], dict[str, Any]]  # an `_id`'s stored fields (those nested updates touch)
+Stored = Callable[[str], dict[str, Any]]  # a key's stored fields (those nested updates touch)
 
 
 def _no_store(_id: str) -> dict[str, Any]:
@@ -139,7 +143,7 @@ def _apply_nested(row: _Row, change: Update, stored: Stored) -> None:
         row.action, row.values = "upsert", change.apply({})
         return
     values = row.values if row.values is not None else {}
-    base = stored(row.id)
+    base = stored(row.key)
     doc = {}
     for f in change.fields():
         v = values[f] if f in values else base.get(f)
@@ -154,13 +158,13 @@ def _apply_nested(row: _Row, change: Update, stored: Stored) -> None:
 def _row(e: ChangeEvent, stored: Stored) -> _Row:
     src = (e.topic, e.partition, e.offset, e.replayed)
     if e.op == "delete":
-        return _Row(e.id, "delete", None, e.seq, e.op, e.ts_ms, *src)
+        return _Row(e.key, e.id, "delete", None, e.seq, e.op, e.ts_ms, *src)
     if e.is_partial:
-        row = _Row(e.id, "patch", _patch_values(e), e.seq, e.op, e.ts_ms, *src)
+        row = _Row(e.key, e.id, "patch", _patch_values(e), e.seq, e.op, e.ts_ms, *src)
         if e.change is not None:
             _apply_nested(row, e.change, stored)
         return row
-    return _Row(e.id, "upsert", e.doc or {}, e.seq, e.op, e.ts_ms, *src)
+    return _Row(e.key, e.id, "upsert", e.doc or {}, e.seq, e.op, e.ts_ms, *src)
 
 
 def _order(e: ChangeEvent) -> tuple[int, int, int]:
@@ -181,9 +185,9 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
     """
     groups: dict[str, list[ChangeEvent]] = {}
     for e in events:
-        g = groups.get(e.id)
+        g = groups.get(e.key)
         if g is None:
-            groups[e.id] = [e]
+            groups[e.key] = [e]
         else:
             g.append(e)
     rows = []
@@ -211,10 +215,33 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
                 _apply_nested(row, e.change, stored)
             else:  # onto a patch it combines, onto a full doc it folds in
                 row.values.update(_patch_values(e))
-            row.seq, row.op, row.ts_ms = e.seq, e.op, e.ts_ms  # the row is as the last change left it
+            row.seq, row.op, row.ts_ms, row.id = e.seq, e.op, e.ts_ms, e.id  # as the last change left it
             row.topic, row.partition, row.offset, row.replayed = e.topic, e.partition, e.offset, e.replayed
         rows.append(row)
     return rows
+
+
+def _first_kinds(events: list[ChangeEvent], values: dict[str, list[Any]]) -> FirstKind:
+    """A new field's first non-null value kind in change order (merge rows are collapsed, so the
+    events are searched first: what a field held before a later change in the batch counts)."""
+
+    def first(field: str) -> str:
+        for e in events:
+            for vals in (e.doc, e.updated):
+                if vals is not None:
+                    v = vals.get(field)
+                    if v is not None:
+                        return kind_of(type(v)) or "json"
+            if e.change is not None:
+                for path, v in e.change.set:
+                    if path[0] == field:
+                        return kind_of(type(v)) if len(path) == 1 and v is not None else "json"
+        for v in values.get(field, ()):
+            if v is not None:
+                return kind_of(type(v)) or "json"
+        return "json"
+
+    return first
 
 
 def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
@@ -405,6 +432,7 @@ class DeltaTableWriter:
             return
         layout = self._layout(dt)
         missing = layout.missing(self._meta.values())  # a table from before rows recorded their source
+        self._check_keys(dt, missing)
         if missing:
             self._add_columns(dt, layout, missing)
             dt = self._refresh()
@@ -415,15 +443,16 @@ class DeltaTableWriter:
                 raise RuntimeError(
                     f"a rename of {self.uri} needs its target and the writer of the target's table"
                 )
-            docs = read_documents(dt, layout, where=where, meta=("_seq", "_ts"))
+            docs = read_documents(dt, layout, where=where, meta=("_seq", "_ts", "_id"), by="_key")
             target = self._table_of(*ddl.target)
             moved = [
                 ChangeEvent(
                     db=ddl.target[0],
                     collection=ddl.target[1],
-                    id=i,
+                    id=d["_id"],
+                    key=k,
                     op="replace",
-                    doc={k: v for k, v in d.items() if k not in ("_seq", "_ts")},
+                    doc={f: v for f, v in d.items() if f not in ("_seq", "_ts", "_id")},
                     ts_ms=ddl.ts_ms,
                     ord=0,
                     topic=f"rename:{self.uri}",
@@ -432,13 +461,30 @@ class DeltaTableWriter:
                     size=0,
                     seq=d["_seq"],
                 )
-                for n, (i, d) in enumerate(docs.items())
+                for n, (k, d) in enumerate(docs.items())
             ]
             if moved:
                 prepared = target._prepare(moved, record=False)
                 if not isinstance(prepared, WriteResult):
                     target._commit(prepared, record=False)
         dt.delete(predicate, writer_properties=self._writer_properties)
+
+    def _check_keys(self, dt: DeltaTable | None, missing: list[Column]) -> None:
+        """A mirror with rows but no `_key` column cannot be merged into: its `_id` text is ambiguous.
+
+        Tables written before typed keys hold `_id` as text only, and the text does
+        not say whether "42" was a number or a string, or a 24-hex string an
+        ObjectId (Debezium's unwrap SMT turns ObjectIds into strings). Guessing
+        would duplicate documents, so the pipeline stops instead.
+        """
+        if self.mode != "merge" or dt is None or not any(c.name == "_key" for c in missing):
+            return
+        if dt.file_uris():
+            raise ConfigError(
+                f"the mirror at {self.uri} was written by a version without typed _id keys (no _key "
+                "column), and its _id text cannot say which type each _id had: rebuild it by pointing "
+                "CDC_LAKE_URI at a new location and reading the topics from the start, or delete the table"
+            )
 
     def _record_only(self, offsets: dict[Source, int]) -> None:
         """A commit with no rows: the txn actions alone (a batch whose changes are all applied)."""
@@ -496,7 +542,9 @@ class DeltaTableWriter:
             n = len(rows)
             values, kinds = field_columns(docs)
 
-            new = layout.plan(kinds) + layout.missing(self._meta.values())
+            missing = layout.missing(self._meta.values())
+            self._check_keys(dt, missing)
+            new = layout.plan(kinds, _first_kinds(fresh, values)) + missing
             if new or dt is None:
                 try:
                     self._add_columns(dt, layout, new)
@@ -536,7 +584,7 @@ class DeltaTableWriter:
         fields: set[str] = set()
         for e in nested:
             fields |= e.change.fields()
-        docs = read_documents(dt, layout, ids={e.id for e in nested}, fields=fields)
+        docs = read_documents(dt, layout, ids={e.key for e in nested}, fields=fields, by="_key")
         return lambda i: docs.get(i, _NO_FIELDS)
 
     def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> None:
@@ -559,6 +607,7 @@ class DeltaTableWriter:
     def _meta_arrays(self, rows: list[Any]) -> dict[str, pa.Array]:
         out = {
             "_id": pa.array([r.id or None for r in rows], pa.string()),  # none for a drop or rename
+            "_key": pa.array([r.key or None for r in rows], pa.string()),
             "_seq": pa.array([r.seq for r in rows], pa.int64()),
             "_op": pa.array([r.op for r in rows], pa.string()),
             "_ts": pa.array([r.ts_ms * 1000 for r in rows], pa.int64()).cast(self._meta["_ts"].type),
@@ -607,9 +656,9 @@ class DeltaTableWriter:
         guard = _GUARD.format(replayed=_q(replay))
         prepared.source = src
         prepared.merge = {
-            "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_id"} if "upsert" in actions else None,
+            "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_key"} if "upsert" in actions else None,
             "patch": (
-                {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_seq", "_op", "_ts", *_SOURCES)}}
+                {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_id", "_seq", "_op", "_ts", *_SOURCES)}}
                 if "patch" in actions
                 else None
             ),
@@ -669,7 +718,7 @@ class DeltaTableWriter:
         act, guard = m["action"], m["guard"]
         merger = dt.merge(
             prepared.source,
-            "t.`_id` = s.`_id`",
+            "t.`_key` = s.`_key`",
             source_alias="s",
             target_alias="t",
             streamed_exec=False,  # batches are small; lets delta-rs prune target files by _id stats
