@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import unquote
 
+import duckdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,7 +44,7 @@ def test_plain_names_keep_their_paths() -> None:
 
 def _event(db: str, coll: str, i: int) -> ChangeEvent:
     return ChangeEvent(
-        db, coll, str(i), "insert", {"_id": str(i), "n": i}, 1_700_000_000_000 + i, 0, "t", 0, i, 10
+        db, coll, str(i), "insert", {"_id": str(i), "name": coll}, 1_700_000_000_000 + i, 0, "t", 0, i, 10
     )
 
 
@@ -55,6 +57,7 @@ def test_a_table_for_each_name_on_a_local_lake(db: str, coll: str, tmp_path: Pat
     assert w.write([_event(db, coll, 0)]).committed
     assert w.write([_event(db, coll, 1)]).committed  # opened again at the path it was created at
     assert set(table_documents(uri)) == {"0", "1"}
+    assert [i for i, _ in _second_reader(uri)] == ["0", "1"]
     assert coll in collections_in(lake, db)
     assert list_tables(lake) == [uri]
 
@@ -98,8 +101,31 @@ def test_the_pipeline_writes_unusual_names_to_their_own_tables(tmp_path: Path) -
     )
     assert not (tmp_path / "dlq.jsonl").exists()
     for i, (db, coll) in enumerate(NAMES):
-        docs = table_documents(TableLocations(str(lake)).uri(db, coll, "merge"))
-        assert docs == {str(i): {"name": coll}}, (db, coll)
+        uri = TableLocations(str(lake)).uri(db, coll, "merge")
+        assert table_documents(uri) == {str(i): {"name": coll}}, (db, coll)
+        assert _second_reader(uri) == [(str(i), coll)], (db, coll)
+
+
+def _second_reader(uri: str) -> list[tuple[str, str]]:
+    """The table read without delta-rs: its log replayed here, its Parquet files read by DuckDB.
+
+    The log's `add.path` is a URI-encoded relative path (Delta protocol); a reader decodes it.
+    Only JSON commits are read: these tables are far below the checkpoint interval.
+    """
+    live: dict[str, None] = {}
+    log = sorted(Path(uri, "_delta_log").glob("*.json"))
+    assert log, uri
+    for commit in log:
+        for line in commit.read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action:
+                live[unquote(action["add"]["path"])] = None
+            elif "remove" in action:
+                live.pop(unquote(action["remove"]["path"]), None)
+    files = [str(Path(uri, p)) for p in live]
+    assert all(Path(f).is_file() for f in files), files
+    con = duckdb.connect()
+    return sorted(con.execute("SELECT _id, name FROM read_parquet(?)", [files]).fetchall())
 
 
 def test_a_table_created_but_not_found_is_a_bug_not_an_outage(tmp_path: Path) -> None:
