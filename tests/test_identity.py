@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import orjson
@@ -44,7 +44,13 @@ EQUAL = [
     [b"\x01"],
     [Binary(b"\x01", 0x80)],
     [Uuid(UUID), Binary(bytes.fromhex(UUID.replace("-", "")), 4)],
-    [datetime(2024, 1, 2, tzinfo=UTC)],
+    [datetime(2024, 1, 2, tzinfo=UTC), date(2024, 1, 2)],
+    [ExtValue({"$regularExpression": {"pattern": "a", "options": "i"}})],
+    [ExtValue({"$code": "x"})],
+    [ExtValue({"$code": "x", "$scope": {"d": datetime(2024, 1, 2, tzinfo=UTC)}})],
+    [ExtValue({"$minKey": 1})],
+    [ExtValue({"$maxKey": 1})],
+    [ExtValue({"$undefined": True})],
     [DateMs(253_402_300_800_000)],
     [{"a": 1, "b": 2}, {"a": 1.0, "b": Decimal128("2")}],
     [{"b": 2, "a": 1}],  # field order matters in MongoDB

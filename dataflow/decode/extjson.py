@@ -1,4 +1,4 @@
-"""MongoDB Extended JSON (v1 and v2, canonical and relaxed) to plain Python values.
+"""MongoDB Extended JSON (v1 and v2, canonical and relaxed) to Python values, and back.
 
 Connectors hand documents over as Extended JSON; the sink wants plain values with
 one fixed mapping (DESIGN.md, type mapping table). This is the hot path, so:
@@ -17,15 +17,23 @@ Decisions where the Extended JSON spec leaves room:
   error. Objects whose `$` keys are not wrapper keys (`{"$foo": 1}`, DBRefs
   `{"$ref", "$id", "$db"}`, the `$regex` / `$type` query operators) are plain
   documents: MongoDB 5.0+ allows `$`-prefixed field names.
-- `$numberInt` / `$numberLong` / `$numberDouble` also accept a JSON number
-  (some v1 writers emit one); the value must still fit int32 / int64.
-- A `$date` ISO string without an offset is taken as UTC. Dates outside
-  `datetime`'s range (years 1..9999) raise `InvalidBson`.
-- regex, code (with or without scope), minKey/maxKey, dbPointer and undefined
-  become the JSON text of the wrapper exactly as received (lossless, but the
-  v1 and v2 spellings of the same value give different text).
+- A wrapped value must be what the spec says: a string in `$numberInt`,
+  `$numberLong`, `$numberDouble`, `$numberDecimal` (a bare JSON number there
+  is a parse error), with one exception: `{"$date": <integer ms>}`, which
+  MongoDB's Kafka connector writes for every date by default (its DefaultJson
+  formatter is the Java driver's legacy strict mode).
+- A `$date` ISO string without an offset is taken as UTC; one finer than a
+  millisecond is refused (BSON dates are milliseconds). Dates outside
+  `datetime`'s years 1..9999 are `DateMs`: BSON's range is all of int64 ms.
+- Every BSON type keeps its type (dataflow/model.py): `ObjectId`, `Uuid`
+  (subtype 04 only; subtype 03's byte order depends on the writer), `Binary`
+  with its subtype, `bson.Decimal128` in canonical form, and `ExtValue` (the
+  canonical object) for regex, code, symbol, minKey/maxKey, dbPointer and
+  undefined. `dumps` writes them back as canonical Extended JSON v2.
 - Plain JSON integers are taken as orjson parses them (it refuses anything
-  beyond 64 bits); values between 2**63 and 2**64 are left to the sink.
+  beyond 64 bits); values between 2**63 and 2**64, and NUL in field names,
+  are refused after decoding (`validate.bson_problem`), only for messages
+  whose text can hold them.
 """
 
 from __future__ import annotations

@@ -32,12 +32,13 @@ from __future__ import annotations
 import base64
 import decimal
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
 from bson.decimal128 import Decimal128
 
+from dataflow.decode import extjson
 from dataflow.model import Binary, BsonTimestamp, DateMs, ExtValue, ObjectId, Uuid
 
 __all__ = ["id_key", "string_key"]
@@ -70,6 +71,8 @@ def _ms(d: datetime) -> int:
 def id_key(value: Any) -> str:
     """The MERGE key of a decoded `_id` value (see the module docstring for the form)."""
     t = type(value)
+    if t is ObjectId:
+        return "o:" + value
     if t is str:
         return "s:" + value
     if t is int:
@@ -100,8 +103,8 @@ def id_key(value: Any) -> str:
         return "x:04:" + base64.b64encode(uuid.UUID(value.text).bytes).decode("ascii")
     if t is BsonTimestamp:
         return f"t:{value.t}:{value.i}"
-    if t is ObjectId:
-        return "o:" + value
+    if t is date:  # a Kafka Connect Date (schema-wrapped records): midnight UTC
+        return f"d:{_ms(datetime(value.year, value.month, value.day, tzinfo=UTC))}"
     if t is ExtValue:
         c = value.canonical
         if "$minKey" in c:
@@ -112,11 +115,6 @@ def id_key(value: Any) -> str:
             return "s:" + c["$symbol"]
         if "$undefined" in c:
             return "u:undefined"
-        return "e:" + orjson.dumps(c, default=_canonical_default).decode()
+        return "e:" + extjson.dumps(c).decode()
     raise TypeError(f"no MongoDB equality key for a {t.__name__} _id")
 
-
-def _canonical_default(o: Any) -> Any:
-    from dataflow.lake.columns import canonical  # the one canonical writer; imported late (layering)
-
-    return canonical(o)
