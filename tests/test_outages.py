@@ -141,13 +141,15 @@ def test_only_the_events_delta_refuses_reach_the_dlq(kafka, s3, tmp_path) -> Non
     gen = Generator(collections=1, prefix=f"refuse{tmp_path.name[-6:]}", seed=33, doc_bytes=300)
     messages = list(gen.messages(5_000))
     refused: list[Message] = []
-    for i, m in enumerate(messages[100::250]):  # 20 inserts carry an integer no int64 column can hold
+    # 20 inserts carry a sub-document nested 300 deep: it decodes, but no JSON text holds it
+    # (orjson writes 254 levels), so Delta refuses exactly those events.
+    deep = "".join(f'{{"l{n}":' for n in range(300)) + "1" + "}" * 300
+    for m in messages[100::250]:
         if m.change is None or m.change.op != "insert":
             continue
         env = orjson.loads(m.value)
-        after = orjson.loads(env["payload"]["after"])
-        after["huge"] = 2**63 + i  # plain JSON integer: valid JSON, out of every Delta integer type
-        env["payload"]["after"] = orjson.dumps(after).decode()
+        after = env["payload"]["after"]
+        env["payload"]["after"] = after[:-1] + ', "deep": ' + deep + "}"
         m.value = orjson.dumps(env)
         m.change = None  # the model does not expect it
         refused.append(m)
