@@ -360,6 +360,7 @@ static int has_dollar_key(PyObject *d) {
 typedef struct {
     PyObject **items;
     Py_ssize_t n, cap;
+    int wide; /* met an integer past int64 (orjson reads up to 2**64 - 1; BSON holds int64) */
 } stack_t;
 
 static int push(stack_t *st, PyObject *o) {
@@ -410,6 +411,12 @@ static PyObject *visit(PyObject *v, PyObject *handlers, PyObject *classify, PyOb
         return keep;
     }
     if (PyList_CheckExact(v) && PyList_GET_SIZE(v) > 0 && push(st, v) < 0) return NULL;
+    if (PyLong_CheckExact(v) && !st->wide) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred()) return NULL;
+        if (overflow) st->wide = 1;
+    }
     return keep;
 }
 
@@ -424,7 +431,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *keep = plain; /* never a replacement value: it means "leave this one" */
-    stack_t st = {NULL, 0, 0};
+    stack_t st = {NULL, 0, 0, 0};
     int failed = 0;
     if (push(&st, root) < 0) return NULL;
     while (st.n > 0 && !failed) {
@@ -463,6 +470,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     while (st.n > 0) Py_DECREF(st.items[--st.n]);
     PyMem_Free(st.items);
     if (failed) return NULL;
+    if (st.wide) Py_RETURN_TRUE;
     Py_RETURN_NONE;
 }
 
@@ -687,7 +695,8 @@ static PyMethodDef methods[] = {
     {"timestamps_us", (PyCFunction)timestamps_us, METH_O,
      "timestamps_us(values: list) -> (data, validity, null_count) | None: UTC datetimes as int64 us"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
-     "walk(root, handlers, classify, plain) -> None: extjson._walk, natively"},
+     "walk(root, handlers, classify, plain) -> None, or True when it met an integer past int64: "
+     "extjson._walk, natively"},
     {NULL, NULL, 0, NULL},
 };
 

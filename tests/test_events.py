@@ -525,8 +525,8 @@ def test_debezium_invalid_bson(after: str, path: str) -> None:
         (ej({"_id": {"$oid": OID}, "a\x00b": 2}), "NUL"),
         (ej({"_id": {"$oid": OID}, "a": {"b\x00": 2}}), "NUL"),
         (ej({"_id": {"$oid": OID}, "a": [{"b": [{"c\x00": 1}]}]}), "NUL"),
-        ('{"_id": 1, "n": 9223372036854775808}', "beyond int64"),
-        ('{"_id": 1, "a": {"b": [18446744073709551615]}}', "beyond int64"),
+        ('{"_id": 1, "n": 9223372036854775808}', "past int64"),
+        ('{"_id": 1, "a": {"b": [18446744073709551615]}}', "past int64"),
     ],
 )
 def test_what_bson_cannot_hold_is_invalid_bson(after: str, fragment: str) -> None:

@@ -233,7 +233,7 @@ class Decoder:
         self.detections.saw(topic, FULL_DOCUMENT)
         db, coll = self.tables.names(topic, debezium=False)
         # The bare document is the top-level object: skip the walk when no wrapper can be in it.
-        doc = extjson.decode(obj) if (b'"$' in value or b"\\u0024" in value) else obj
+        doc = extjson.decode(obj) if _may_wrap(value) else obj
         if type(doc) is not dict or "_id" not in doc:
             raise _Reject(_SCHEMA, "bare document without an _id")
         key_id = _key_id_text(msg)
@@ -249,7 +249,7 @@ class Decoder:
                 obj = connect.convert(obj, schema)
             except connect.ConnectValueError as e:
                 raise _Reject(_SCHEMA, f"value.payload: {e}") from None
-        doc = extjson.decode(obj) if (b'"$' in value or b"\\u0024" in value) else obj
+        doc = extjson.decode(obj) if _may_wrap(value) else obj
         if type(doc) is not dict:
             raise _Reject(_SCHEMA, f"value must be a document, not {_kind(doc)}")
         db, coll = smt.get("__source_db"), smt.get("__source_collection")
@@ -392,6 +392,12 @@ def _kind(v: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(v), "number"
     )
+
+
+def _may_wrap(value: bytes) -> bool:
+    """Whether a bare document must be walked: it may hold a type wrapper, or (the C walk is
+    cheap) any value at all, an integer past int64 included."""
+    return speedups.native is not None or b'"$' in value or b"\\u0024" in value
 
 
 def _json(text: str | bytes, where: str) -> Any:

@@ -72,6 +72,7 @@ _DECIMAL_RE = re.compile(
     r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)", re.IGNORECASE
 )
 _UUID_SUBTYPES = frozenset({"3", "03", "4", "04"})
+_WIDE = "an integer past int64, the widest BSON integer"
 _PLAIN = object()  # marker: "this object is a plain document, not a type wrapper"
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 40
@@ -361,6 +362,8 @@ def _walk(root: dict | list, base: str) -> None:
                         c[k] = r
                 elif t is list and v:
                     push(v)
+                elif t is int and not _INT64[0] <= v <= _INT64[1]:
+                    raise InvalidBson(_WIDE)
     except InvalidBson as e:
         raise InvalidBson(e.problem, _join(base, [*_path_to(root, c), k])) from None
 
@@ -403,10 +406,14 @@ def decode(value: Any, *, path: str = "") -> Any:
         # wrapper, and names its path.
         holder = [value]
         try:
-            native.walk(holder, _SINGLE, _classify, _PLAIN)
-            return holder[0]
+            wide = native.walk(holder, _SINGLE, _classify, _PLAIN)
         except InvalidBson:
             pass
+        else:
+            if wide is True:
+                where = _wide_int_path(holder[0])
+                raise InvalidBson(_WIDE, _join(path, where))
+            return holder[0]
     if t is dict:
         try:
             r = _classify(value)
@@ -419,6 +426,20 @@ def decode(value: Any, *, path: str = "") -> Any:
     elif t is list and value:
         _walk(value, path)
     return value
+
+
+def _wide_int_path(root: Any) -> list[Any]:
+    """Keys down to the integer past int64 `_walk` would meet first under `root` (error path only)."""
+    stack: list[tuple[Any, list[Any]]] = [(root, [])]
+    while stack:
+        node, keys = stack.pop()
+        for k, v in node.items() if type(node) is dict else enumerate(node):
+            t = type(v)
+            if t is int and not _INT64[0] <= v <= _INT64[1]:
+                return [*keys, k]
+            if (t is dict or t is list) and v:
+                stack.append((v, [*keys, k]))
+    return []
 
 
 def parse_json(text: str | bytes | memoryview) -> Any:

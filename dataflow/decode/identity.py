@@ -117,4 +117,3 @@ def id_key(value: Any) -> str:
             return "u:undefined"
         return "e:" + extjson.dumps(c).decode()
     raise TypeError(f"no MongoDB equality key for a {t.__name__} _id")
-
