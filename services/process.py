@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -28,10 +29,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def http_ok(url: str) -> bool:
-    """True when a GET answers 200 (a readiness probe)."""
+def http_ok(url: str, cafile: Path | str | None = None) -> bool:
+    """True when a GET answers 200 (a readiness probe); `cafile` is the CA to trust for https."""
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:
+        with urllib.request.urlopen(url, timeout=1, context=context) as r:
             return r.status == 200
     except OSError:
         return False
