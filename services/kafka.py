@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from services import CACHE, ROOT
 from services.process import free_port, port_open, spawn, stop_pid, wait_until
+from services.tls import ServerCert
 
 POM = ROOT / "services" / "kafka-jars" / "pom.xml"
 LIBS = CACHE / "kafka" / "libs"
@@ -59,19 +61,81 @@ def install() -> Path:
     return LIBS
 
 
+SCRAM = "SCRAM-SHA-512"
+SCRAM_TEXT = re.compile(r"[A-Za-z0-9._~@+-]+")
+
+
 @dataclass
 class Kafka:
-    """One broker+controller process; its data survives stop() and start()."""
+    """One broker+controller process; its data survives stop() and start().
+
+    With `tls`, the broker also has a SASL_SSL listener on `sasl_port` (SCRAM-SHA-512,
+    server certificate from `tls`); `scram_users` (name -> password) are created when
+    the log directory is formatted, so they only apply to a new `data_dir`. The PLAINTEXT
+    listener stays (the broker talks to itself on it).
+    """
 
     data_dir: Path
     port: int = field(default_factory=free_port)
     controller_port: int = field(default_factory=free_port)
     heap: str = "512m"
     pid: int | None = None
+    tls: ServerCert | None = None
+    scram_users: dict[str, str] = field(default_factory=dict, repr=False)
+    sasl_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls is not None and self.sasl_port is None:
+            self.sasl_port = free_port()
+        for name, password in self.scram_users.items():
+            # StorageTool's `--add-scram` syntax has no escaping: keep to plain characters.
+            if not (SCRAM_TEXT.fullmatch(name) and SCRAM_TEXT.fullmatch(password)):
+                raise ValueError(f"SCRAM user {name!r}: name and password must match {SCRAM_TEXT.pattern}")
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        if self.sasl_port is None:
+            raise RuntimeError("this broker has no SASL_SSL listener (start it with tls=...)")
+        return f"127.0.0.1:{self.sasl_port}"
+
+    def client_config(self, username: str, password: str) -> dict[str, str]:
+        """confluent-kafka settings for the SASL_SSL listener (add `bootstrap.servers`: sasl_bootstrap)."""
+        if self.tls is None:
+            raise RuntimeError("this broker has no SASL_SSL listener (start it with tls=...)")
+        return {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanisms": SCRAM,
+            "sasl.username": username,
+            "sasl.password": password,
+            "ssl.ca.location": str(self.tls.ca_file),
+        }
+
+    def _listener_config(self) -> list[str]:
+        plain, ctrl = f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"
+        if self.tls is None:
+            return [
+                f"listeners={plain},{ctrl}",
+                f"advertised.listeners={plain}",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            ]
+        sasl = f"SASL_SSL://127.0.0.1:{self.sasl_port}"
+        return [
+            f"listeners={plain},{sasl},{ctrl}",
+            f"advertised.listeners={plain},{sasl}",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
+            f"sasl.enabled.mechanisms={SCRAM}",
+            f"listener.name.sasl_ssl.sasl.enabled.mechanisms={SCRAM}",
+            f"listener.name.sasl_ssl.{SCRAM.lower()}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            # A PEM keystore (key + certificate in one file): no keytool, no store password.
+            "listener.name.sasl_ssl.ssl.keystore.type=PEM",
+            f"listener.name.sasl_ssl.ssl.keystore.location={self.tls.keystore()}",
+            "listener.name.sasl_ssl.ssl.client.auth=none",
+        ]
 
     @property
     def log(self) -> Path:
@@ -86,11 +150,9 @@ class Kafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    *self._listener_config(),
                     "controller.listener.names=CONTROLLER",
                     "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                     f"log.dirs={logs}",
                     "num.partitions=4",
                     "offsets.topic.replication.factor=1",
@@ -128,13 +190,24 @@ class Kafka:
         props = self._write_config()
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            scram = [
+                arg
+                for name, password in self.scram_users.items()
+                for arg in ("--add-scram", f"{SCRAM}=[name={name},password={password}]")
+            ]
             fmt = subprocess.run(
                 # `--cluster-id=` form: a random id may start with "-", which would read as an option.
                 self._java(
-                    "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)
+                    "kafka.tools.StorageTool",
+                    "format",
+                    f"--cluster-id={cluster_id}",
+                    "-c",
+                    str(props),
+                    *scram,
                 ),
                 capture_output=True,
                 text=True,
+                timeout=120,
             )
             if fmt.returncode != 0:
                 raise RuntimeError(f"formatting the Kafka log directory failed:\n{fmt.stdout}{fmt.stderr}")
@@ -150,7 +223,25 @@ class Kafka:
 
         try:
             md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
-            return bool(md.brokers)
+            if not md.brokers:
+                return False
+        except Exception:
+            return False
+        if self.tls is None:
+            return True
+        if not port_open(self.sasl_port):
+            return False
+        if not self.scram_users:
+            return True
+        # A SCRAM login over TLS works (the users are in the metadata log by now).
+        name, password = next(iter(self.scram_users.items()))
+        conf = {
+            "bootstrap.servers": self.sasl_bootstrap,
+            **self.client_config(name, password),
+            "log_level": 0,
+        }
+        try:
+            return bool(AdminClient(conf).list_topics(timeout=2).brokers)
         except Exception:
             return False
 
