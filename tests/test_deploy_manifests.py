@@ -291,14 +291,10 @@ def test_statefulset_wiring(resources) -> None:
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["path"] in ("/dataflow", "/metrics")
         assert container[probe]["httpGet"]["port"] == "api"
-    # Credentials only from the Secret.
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "cdc-pipeline-s3", "key": key}
-        assert key not in config
-    assert set(resources["Secret/cdc-pipeline-s3"]["stringData"]) == {
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-    }
+    # Credentials only as files from the Secret (test_secret_files_are_mounted_read_only).
+    for key in SECRET_VARIABLES:
+        assert key not in env and key not in config, key
+    assert "Secret/cdc-pipeline-credentials" in resources
 
 
 @pytest.mark.tools
@@ -330,6 +326,118 @@ def test_recovery_volume_is_shared(resources) -> None:
     # One DLQ fallback file per process on the shared volume.
     assert env["CDC_DLQ_FALLBACK"]["value"] == "/data/dlq/$(POD_NAME).jsonl"
     assert list(env).index("POD_NAME") < list(env).index("CDC_DLQ_FALLBACK")
+
+
+# --- Kubernetes: secrets as files, TLS -------------------------------------------------
+#
+# These read the files in k8s/ themselves (what `kubectl apply -f` sends): no tool needed.
+
+SECRET_MOUNT = "/etc/cdc/secrets"
+# Every variable the pipeline reads that holds a credential: given as `<VARIABLE>_FILE`
+# (a path under SECRET_MOUNT), never as a value in the ConfigMap or the pod spec.
+SECRET_VARIABLES = (
+    "CDC_KAFKA_SASL_USERNAME",
+    "CDC_KAFKA_SASL_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict]:
+    """The documents of k8s/*.yaml, by `kind/name`."""
+    docs = [doc for path in manifest_files() for doc in load_yaml(path.read_text())]
+    found = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+    assert len(found) == len(docs), "two manifests with the same kind and name"
+    return found
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    [kustomization] = load_yaml((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == [p.name for p in manifest_files()]
+
+
+def test_secret_variables_are_read_by_the_pipeline() -> None:
+    """SECRET_VARIABLES are names the pipeline reads: AWS_* for delta-rs, CDC_KAFKA_* for librdkafka."""
+    from dataflow.runtime.settings import kafka_property, librdkafka_refusal, s3_storage_options
+
+    for name in SECRET_VARIABLES:
+        if name.startswith("AWS_"):
+            assert s3_storage_options({name: "x"})[name] == "x", name
+        else:
+            assert librdkafka_refusal({kafka_property(name): "x"}) is None, name
+
+
+def test_secret_files_are_mounted_read_only(manifests) -> None:
+    secret = manifests["Secret/cdc-pipeline-credentials"]
+    pod = manifests["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] == 0o400 == 256
+    assert "items" not in volume["secret"]  # every key, at its own name
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == SECRET_MOUNT and mount["readOnly"] is True
+    # The kubelet gives the files to fsGroup (root:fsGroup, 0440): the non-root user reads
+    # them through that group.
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    assert security["fsGroup"] == security["runAsGroup"] == 10001
+    # No credential reaches the container as an environment variable.
+    assert not [e for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not [e for e in container.get("envFrom", []) if "secretRef" in e]
+
+
+def test_configmap_names_every_secret_as_a_file(manifests) -> None:
+    from dataflow.runtime.settings import is_secret
+
+    config = manifests["ConfigMap/cdc-pipeline-config"]["data"]
+    keys = set(manifests["Secret/cdc-pipeline-credentials"]["stringData"])
+    for name in SECRET_VARIABLES:
+        assert name not in config, name
+        path = config[f"{name}_FILE"]
+        assert path.startswith(SECRET_MOUNT + "/") and path[len(SECRET_MOUNT) + 1 :] in keys, (name, path)
+    # Every key is some variable's file, and every file named is a key.
+    named = {v[len(SECRET_MOUNT) + 1 :] for v in config.values() if v.startswith(SECRET_MOUNT + "/")}
+    assert named == keys, (named, keys)
+    # Nothing that looks secret is a plain value.
+    assert not [k for k in config if is_secret(k) and not k.endswith("_FILE")]
+
+
+def test_configmap_speaks_tls(manifests) -> None:
+    from urllib.parse import urlsplit
+
+    config = manifests["ConfigMap/cdc-pipeline-config"]["data"]
+    secret = manifests["Secret/cdc-pipeline-credentials"]["stringData"]
+    assert config["CDC_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert config["CDC_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert urlsplit(config["AWS_ENDPOINT_URL"]).scheme == "https"
+    assert "AWS_ALLOW_HTTP" not in config
+    for name in ("CDC_KAFKA_SSL_CA_LOCATION", "CDC_STORAGE_CA_FILE"):
+        key = config[name][len(SECRET_MOUNT) + 1 :]
+        assert config[name] == f"{SECRET_MOUNT}/{key}" and "BEGIN CERTIFICATE" in secret[key], name
+
+
+def test_configmap_is_a_configuration_the_pipeline_accepts(manifests) -> None:
+    """The ConfigMap with each `<VARIABLE>_FILE` read (a placeholder) passes the pipeline's checks.
+
+    This puts the Kafka TLS settings through librdkafka's own check of names and values.
+    """
+    from dataflow.runtime.settings import Settings
+
+    env = dict(manifests["ConfigMap/cdc-pipeline-config"]["data"])
+    for name in SECRET_VARIABLES:
+        env[name] = env.pop(f"{name}_FILE").rsplit("/", 1)[1]
+    env.pop("CDC_STORAGE_CA_FILE")  # a file that must exist: not for here
+    settings = Settings.from_env(env)
+    assert settings.kafka.client_config == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "ssl.ca.location": f"{SECRET_MOUNT}/kafka-ca.crt",
+        "sasl.username": "kafka-sasl-username",
+        "sasl.password": "kafka-sasl-password",
+    }
+    assert settings.lake.storage_options["AWS_ENDPOINT_URL"].startswith("https://")
 
 
 def k8s_expand(text: str, env: dict[str, str]) -> str:
