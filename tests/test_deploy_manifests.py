@@ -35,7 +35,15 @@ COMPOSE = ROOT / "docker-compose.yml"
 CONNECTOR = ROOT / "deploy" / "debezium-mongodb.json"
 ALERTS = ROOT / "monitoring" / "prometheus" / "alerts.yml"
 CRD_KINDS = ("PrometheusRule", "ServiceMonitor")
-CORE_KINDS = {"ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "StatefulSet", "PodDisruptionBudget"}
+CORE_KINDS = {
+    "ConfigMap",
+    "Secret",
+    "PersistentVolumeClaim",
+    "Service",
+    "StatefulSet",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+}
 
 
 # --- tools -------------------------------------------------------------------
@@ -154,7 +162,7 @@ def test_kustomize_output_validates(tools) -> None:
     report = kubeconform(tools, ["-"], stdin=rendered())
     problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
     assert not problems, json.dumps(problems, indent=2)
-    assert report["summary"]["valid"] == 7 and report["summary"]["skipped"] == 2, report["summary"]
+    assert report["summary"]["valid"] == 9 and report["summary"]["skipped"] == 2, report["summary"]
 
 
 @pytest.mark.tools
@@ -438,6 +446,186 @@ def test_configmap_is_a_configuration_the_pipeline_accepts(manifests) -> None:
         "sasl.password": "kafka-sasl-password",
     }
     assert settings.lake.storage_options["AWS_ENDPOINT_URL"].startswith("https://")
+
+
+# --- Kubernetes: network policies -------------------------------------------------------
+#
+# Port 2101 carries Bytewax's cluster traffic: unauthenticated pickles, so code execution
+# for whoever connects. Only the pipeline's own pods may reach it, only Prometheus may
+# reach the metrics on 3030, and nothing else reaches the pipeline pods.
+
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) matches `labels`."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, values = expr["key"], expr.get("values", [])
+        matched = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[expr["operator"]]
+        if not matched:
+            return False
+    return True
+
+
+def test_selects_helper() -> None:
+    labels = {"a": "1", "b": "2"}
+    assert selects({}, labels) and selects({"matchLabels": {"a": "1"}}, labels)
+    assert not selects({"matchLabels": {"a": "1", "c": "3"}}, labels)
+    assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "9"]}]}, labels)
+    assert not selects({"matchExpressions": [{"key": "b", "operator": "NotIn", "values": ["2"]}]}, labels)
+    assert not selects({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, labels)
+
+
+def pipeline_pod(docs: dict[str, dict]) -> tuple[dict[str, str], dict[str, int]]:
+    """The pipeline pods' labels and their named container ports."""
+    template = docs["StatefulSet/cdc-pipeline"]["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    return template["metadata"]["labels"], {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def policy_rules(docs: dict[str, dict], direction: str) -> list[dict]:
+    """The rules of every NetworkPolicy that selects the pipeline pods for `direction`."""
+    labels, _ = pipeline_pod(docs)
+    rules, policies = [], 0
+    for doc in docs.values():
+        if doc["kind"] != "NetworkPolicy" or not selects(doc["spec"]["podSelector"], labels):
+            continue
+        spec = doc["spec"]
+        # Kubernetes' default: Ingress always, Egress when there are egress rules.
+        types = spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+        if direction in types:
+            assert "namespace" not in doc["metadata"], "a policy must live in the pods' namespace"
+            policies += 1
+            rules += spec.get(direction.lower()) or []
+    assert policies, f"no NetworkPolicy restricts {direction} of the pipeline pods"
+    return rules
+
+
+def allowed(docs: dict[str, dict], direction: str) -> dict[tuple[str, int], list[dict]]:
+    """(protocol, port) -> the peers allowed there, over all rules. Refuses any-peer and any-port rules."""
+    _, named_ports = pipeline_pod(docs)
+    peers_key = "from" if direction == "Ingress" else "to"
+    found: dict[tuple[str, int], list[dict]] = {}
+    for rule in policy_rules(docs, direction):
+        assert rule.get(peers_key), f"a rule open to every peer: {rule}"
+        assert rule.get("ports"), f"a rule open on every port: {rule}"
+        for port in rule["ports"]:
+            assert "port" in port and "endPort" not in port, port
+            # Named ports are the destination pod's: ours for ingress only.
+            number = (
+                named_ports[port["port"]]
+                if direction == "Ingress" and isinstance(port["port"], str)
+                else port["port"]
+            )
+            assert isinstance(number, int), port
+            found.setdefault((port.get("protocol", "TCP"), number), []).extend(rule[peers_key])
+    return found
+
+
+def is_pipeline_peer(peer: dict, labels: dict[str, str]) -> bool:
+    """The pipeline's pods of the policy's own namespace, and nothing else."""
+    if set(peer) != {"podSelector"} or not selects(peer["podSelector"], labels):
+        return False
+    # A pod without either of the pipeline's labels is not selected.
+    required = ("app.kubernetes.io/name", "app.kubernetes.io/component")
+    return not any(
+        selects(peer["podSelector"], {k: v for k, v in labels.items() if k != key}) for key in required
+    )
+
+
+def check_ingress(docs: dict[str, dict]) -> None:
+    labels, named_ports = pipeline_pod(docs)
+    found = allowed(docs, "Ingress")
+    comm, api = ("TCP", named_ports["comm"]), ("TCP", named_ports["api"])
+    assert (comm, api) == (("TCP", 2101), ("TCP", 3030))
+    assert set(found) == {comm, api}, f"ingress allowed on more than comm and api: {sorted(found)}"
+    # 2101: only the pipeline's own pods (no namespaceSelector, no ipBlock).
+    assert found[comm] and all(is_pipeline_peer(peer, labels) for peer in found[comm]), found[comm]
+    # 3030: only Prometheus pods, in one named namespace.
+    for peer in found[api]:
+        assert set(peer) == {"namespaceSelector", "podSelector"}, peer
+        assert peer["podSelector"] == {"matchLabels": PROMETHEUS_POD}, peer
+        assert peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name"), peer
+    assert found[api]
+
+
+def check_egress(docs: dict[str, dict]) -> None:
+    from urllib.parse import urlsplit
+
+    labels, named_ports = pipeline_pod(docs)
+    config = docs["ConfigMap/cdc-pipeline-config"]["data"]
+    found = allowed(docs, "Egress")
+
+    def namespace(peer: dict) -> str | None:
+        return (peer.get("namespaceSelector") or {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+
+    # DNS, to the cluster DNS pods.
+    for protocol in ("UDP", "TCP"):
+        peers = found[(protocol, 53)]
+        assert peers and all(
+            namespace(p) == "kube-system" and p["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+            for p in peers
+        ), peers
+    # The other processes of the cluster: without this it never forms.
+    comm = ("TCP", named_ports["comm"])
+    assert found[comm] and all(is_pipeline_peer(peer, labels) for peer in found[comm]), found[comm]
+    # Kafka and S3: the ports and namespaces the ConfigMap's addresses name.
+    kafka_host, _, kafka_port = config["CDC_KAFKA_BROKERS"].split(",")[0].rpartition(":")
+    s3 = urlsplit(config["AWS_ENDPOINT_URL"])
+    s3_port = s3.port or (443 if s3.scheme == "https" else 80)
+    for host, port in ((kafka_host, int(kafka_port)), (s3.hostname, s3_port)):
+        # <service>.<namespace>.svc[.cluster.local]
+        service_namespace = host.split(".")[1]
+        peers = found[("TCP", port)]
+        assert peers, (host, port)
+        assert all(set(p) == {"namespaceSelector"} and namespace(p) == service_namespace for p in peers), (
+            peers
+        )
+    expected = {("UDP", 53), ("TCP", 53), comm, ("TCP", int(kafka_port)), ("TCP", s3_port)}
+    assert set(found) == expected, sorted(found)
+
+
+def test_ingress_to_the_pipeline_pods_is_only_the_cluster_and_prometheus(manifests) -> None:
+    check_ingress(manifests)
+
+
+def test_egress_of_the_pipeline_pods_is_only_dns_peers_kafka_and_s3(manifests) -> None:
+    check_egress(manifests)
+
+
+@pytest.mark.tools
+def test_network_policies_after_kustomize(resources) -> None:
+    check_ingress(resources)
+    check_egress(resources)
+
+
+def test_network_policy_checks_refuse_an_open_policy(manifests) -> None:
+    """A control: the checks see a second policy that opens a port, or a wider peer."""
+    import copy
+
+    opened = copy.deepcopy(manifests)
+    extra = copy.deepcopy(opened["NetworkPolicy/cdc-pipeline-ingress"])
+    extra["metadata"]["name"] = "extra"
+    extra["spec"]["ingress"] = [{"from": [{"podSelector": {}}], "ports": [{"port": 8080}]}]
+    opened["NetworkPolicy/extra"] = extra
+    with pytest.raises(AssertionError, match="more than comm and api"):
+        check_ingress(opened)
+    wider = copy.deepcopy(manifests)
+    [comm_rule, _] = wider["NetworkPolicy/cdc-pipeline-ingress"]["spec"]["ingress"]
+    comm_rule["from"][0]["namespaceSelector"] = {}
+    with pytest.raises(AssertionError):
+        check_ingress(wider)
+    anywhere = copy.deepcopy(manifests)
+    anywhere["NetworkPolicy/cdc-pipeline-ingress"]["spec"]["ingress"][1].pop("from")
+    with pytest.raises(AssertionError, match="every peer"):
+        check_ingress(anywhere)
 
 
 def k8s_expand(text: str, env: dict[str, str]) -> str:
