@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from tests.harness import StrictLoader
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_ENV_EXAMPLE = ROOT / "deploy" / "compose.env.example"
 CONNECTOR = ROOT / "deploy" / "debezium-mongodb.json"
 ALERTS = ROOT / "monitoring" / "prometheus" / "alerts.yml"
 CRD_KINDS = ("PrometheusRule", "ServiceMonitor")
@@ -671,21 +673,44 @@ def test_pdb_allows_one_disruption(resources) -> None:
 # --- docker compose ---------------------------------------------------------------
 
 
+def example_env() -> dict[str, str]:
+    """deploy/compose.env.example: what a user copies to .env."""
+    pairs = [line.split("=", 1) for line in COMPOSE_ENV_EXAMPLE.read_text().splitlines() if line.strip()]
+    return {k: v for k, v in (p for p in pairs if not p[0].startswith("#"))}
+
+
+def test_example_env_helper() -> None:
+    env = example_env()
+    assert env["MINIO_ROOT_USER"] and env["GF_SECURITY_ADMIN_PASSWORD"], env
+
+
 @pytest.fixture(scope="module")
 def compose_env(tools) -> dict[str, str]:
     return {"DOCKER_CONFIG": tools["DOCKER_CONFIG"]} if "DOCKER_CONFIG" in tools else {}
 
 
+def docker_compose(compose_env: dict[str, str], *args: str, env_file: Path = COMPOSE_ENV_EXAMPLE):
+    """`docker compose` on the file with `env_file` as its .env, none of its variables from this shell."""
+    assert shutil.which("docker"), "the docker CLI is not on PATH"
+    env = {k: v for k, v in os.environ.items() if k not in example_env()}
+    return subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "--env-file", str(env_file), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, **compose_env},
+    )
+
+
 @pytest.mark.tools
 def test_compose_config_is_valid(compose_env) -> None:
-    assert shutil.which("docker"), "the docker CLI is not on PATH"
-    proc = run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=compose_env)
+    proc = docker_compose(compose_env, "config", "--quiet")
     assert proc.returncode == 0, proc.stderr
 
 
 @pytest.fixture(scope="module")
 def compose(compose_env) -> dict:
-    proc = run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"], env=compose_env)
+    proc = docker_compose(compose_env, "config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -707,7 +732,7 @@ def test_compose_start_order_and_pipeline_settings(compose) -> None:
     assert env["CDC_TOPIC_PATTERN"] == r"cdc\.shop\..*"
     assert env["CDC_LAKE_URI"] == "s3://lake/cdc"
     assert env["BYTEWAX_DATAFLOW_API_ENABLED"]
-    assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]  # from deploy/compose.env.example
+    assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]  # test_compose_credentials checks them
     assert any(v["target"] == "/data" for v in pipeline["volumes"])
     grace = float(env.get("CDC_SHUTDOWN_GRACE_SECONDS", 60))
     assert _seconds(pipeline["stop_grace_period"]) > grace
@@ -722,6 +747,193 @@ def test_compose_start_order_and_pipeline_settings(compose) -> None:
         "monitoring/grafana/cdc-pipeline.json",
     ):
         assert str(ROOT / path) in mounts, path
+
+
+# --- docker compose: credentials ---------------------------------------------------------
+#
+# Each service gets only its own credentials: MinIO's root user goes to minio and
+# minio-init only; the pipeline has a MinIO user of its own, limited to the lake bucket;
+# Grafana has its admin password and nothing of MinIO's.
+
+MINIO_ROOT = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+LAKE_BUCKET_ACTIONS = {"s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
+LAKE_OBJECT_ACTIONS = {
+    "s3:GetObject",
+    "s3:PutObject",
+    "s3:DeleteObject",
+    "s3:AbortMultipartUpload",
+    "s3:ListMultipartUploadParts",
+}
+
+
+def test_compose_takes_every_credential_from_the_example_env() -> None:
+    """Every variable docker-compose.yml interpolates is in the example, with a placeholder value."""
+    [raw] = load_yaml(COMPOSE.read_text())
+
+    def strings(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from strings(key)
+                yield from strings(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from strings(item)
+        elif isinstance(node, str):
+            yield node
+
+    # `${NAME`, not the shell's `$${NAME` (compose's escape).
+    used = {m for s in strings(raw) for m in re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", s)}
+    example = example_env()
+    assert used and used <= set(example), used - set(example)
+    for name, value in example.items():
+        if any(word in name for word in ("PASSWORD", "SECRET")):
+            assert value.endswith("-change-me"), (name, value)
+    # No service reads a whole env file: that would hand it every credential.
+    assert not [name for name, service in raw["services"].items() if "env_file" in service]
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("name", sorted(set(example_env()) - {"GF_SECURITY_ADMIN_USER"}))
+def test_compose_refuses_to_run_without_a_credential(compose_env, tmp_path, name) -> None:
+    """No defaults: without the variable, compose stops and names it (Grafana's password too)."""
+    partial = tmp_path / "partial.env"
+    partial.write_text("".join(f"{k}={v}\n" for k, v in example_env().items() if k != name))
+    proc = docker_compose(compose_env, "config", "--quiet", env_file=partial)
+    assert proc.returncode != 0 and f"required variable {name} is missing" in proc.stderr, proc.stderr
+
+
+@pytest.mark.tools
+def test_compose_credentials(compose) -> None:
+    services = compose["services"]
+    example = example_env()
+    root_values = {example[name] for name in MINIO_ROOT}
+    # The MinIO root user: the server and the init job only.
+    holders = {
+        name
+        for name, service in services.items()
+        for key, value in (service.get("environment") or {}).items()
+        if key in MINIO_ROOT or value in root_values
+    }
+    assert holders == {"minio", "minio-init"}, holders
+    # The pipeline: the user minio-init creates.
+    pipeline = services["cdc-pipeline"]["environment"]
+    init = services["minio-init"]["environment"]
+    assert (
+        pipeline["AWS_ACCESS_KEY_ID"] == init["PIPELINE_ACCESS_KEY"] == example["PIPELINE_MINIO_ACCESS_KEY"]
+    )
+    assert pipeline["AWS_SECRET_ACCESS_KEY"] == init["PIPELINE_SECRET_KEY"]
+    assert pipeline["AWS_SECRET_ACCESS_KEY"] == example["PIPELINE_MINIO_SECRET_KEY"]
+    assert pipeline["AWS_ACCESS_KEY_ID"] != example["MINIO_ROOT_USER"]
+    # Grafana: its own admin password, nothing of MinIO's.
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == example["GF_SECURITY_ADMIN_PASSWORD"]
+    minio_values = root_values | {example["PIPELINE_MINIO_ACCESS_KEY"], example["PIPELINE_MINIO_SECRET_KEY"]}
+    assert not [k for k in grafana if re.search("MINIO|AWS|PIPELINE", k)], grafana
+    assert not [k for k, v in grafana.items() if v in minio_values], grafana
+
+
+def minio_init_script(compose_file: dict) -> str:
+    """The shell script minio-init runs (compose's `$$` is the shell's `$`)."""
+    service = compose_file["services"]["minio-init"]
+    assert service["entrypoint"] == ["/bin/sh", "-c"]
+    [script] = service["command"]
+    return script.replace("$$", "$")
+
+
+def lake_policy(script: str) -> tuple[str, str]:
+    """(name, JSON text) of the policy the script creates from an inline document."""
+    [(document, path)] = re.findall(r"^printf '%s\\n' '(\{.*?\})' >(\S+)$", script, re.M | re.S)
+    [name] = re.findall(rf"^mc admin policy create local (\S+) {re.escape(path)}$", script, re.M)
+    return name, document
+
+
+@pytest.mark.tools
+def test_minio_init_gives_the_pipeline_user_only_the_lake_bucket(compose) -> None:
+    from urllib.parse import urlsplit
+
+    script = minio_init_script(compose)
+    bucket = urlsplit(compose["services"]["cdc-pipeline"]["environment"]["CDC_LAKE_URI"]).netloc
+    assert bucket == "lake"
+    assert script.startswith("set -eu\n")
+    assert f"\nmc mb --ignore-existing local/{bucket}\n" in script
+    assert '\nmc admin user add local "$PIPELINE_ACCESS_KEY" "$PIPELINE_SECRET_KEY"\n' in script
+    name, document = lake_policy(script)
+    # The only policy attached to the user is that one (`policy` wraps `mc admin policy`).
+    attached = re.findall(
+        r"^(?:mc admin )?policy attach local (\S+) --user \"\$PIPELINE_ACCESS_KEY\"$", script, re.M
+    )
+    assert attached == [name], attached
+    assert re.search(r"^policy\(\) \{\n  if ! out=\$\(mc admin policy \"\$@\" 2>&1\)", script, re.M)
+    policy = json.loads(document)
+    assert policy["Version"] == "2012-10-17"
+    granted: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert set(statement) == {"Effect", "Action", "Resource"}, statement
+        assert statement["Effect"] == "Allow"
+        for resource in statement["Resource"]:
+            granted.setdefault(resource, set()).update(statement["Action"])
+    assert granted == {
+        f"arn:aws:s3:::{bucket}": LAKE_BUCKET_ACTIONS,
+        f"arn:aws:s3:::{bucket}/*": LAKE_OBJECT_ACTIONS,
+    }, granted
+
+
+@pytest.mark.integration
+def test_the_lake_policy_lets_the_pipeline_run_and_nothing_more(s3, tmp_path) -> None:
+    """minio-init's policy in a real MinIO: the pipeline writes its tables with that user, and the
+    user can do nothing outside the bucket."""
+    import io
+
+    from minio import Minio, MinioAdmin
+    from minio.credentials import StaticProvider
+    from minio.error import S3Error
+
+    from tests.harness import pipeline_env, run_pipeline, table_rows
+
+    # docker-compose.yml itself (no docker compose needed: the script has no variables in it).
+    [raw] = load_yaml(COMPOSE.read_text())
+    _, document = lake_policy(minio_init_script(raw))
+    bucket, other = s3.bucket("lake"), s3.bucket("other")
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(document.replace("arn:aws:s3:::lake", f"arn:aws:s3:::{bucket}"))
+    endpoint = s3.env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    root = StaticProvider(s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"])
+    admin = MinioAdmin(endpoint=endpoint, credentials=root, secure=False)
+    name, user, secret = f"lake-{bucket}", f"u-{bucket}"[:40], "pipeline-test-secret"
+    admin.policy_add(name, policy_file=policy_file)
+    admin.user_add(user, secret)
+    admin.attach_policy([name], user=user)
+    user_env = {**s3.env, "AWS_ACCESS_KEY_ID": user, "AWS_SECRET_ACCESS_KEY": secret}
+
+    # The pipeline, on the bundled sample, in both modes (MERGE and append).
+    run_pipeline(
+        pipeline_env(
+            CDC_LAKE_URI=f"s3://{bucket}/cdc",
+            CDC_TABLE_MODE="both",
+            CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
+            **user_env,
+        )
+    )
+    assert table_rows(f"s3://{bucket}/cdc/shop/orders", s3.storage_options)
+    assert table_rows(f"s3://{bucket}/cdc/_changelog/shop/orders", s3.storage_options)
+
+    client = Minio(endpoint, access_key=user, secret_key=secret, secure=False)
+    # A multipart upload, then a delete, in the bucket.
+    data = b"x" * (6 * 1024 * 1024)
+    client.put_object(bucket, "multipart", io.BytesIO(data), length=-1, part_size=5 * 1024 * 1024)
+    assert client.stat_object(bucket, "multipart").size == len(data)
+    client.remove_object(bucket, "multipart")
+    # Nothing outside it.
+    # MinIO lists only the buckets a user may use.
+    assert [b.name for b in client.list_buckets()] == [bucket]
+    denied = [
+        lambda: list(client.list_objects(other)),
+        lambda: client.put_object(other, "x", io.BytesIO(b"x"), 1),
+        lambda: client.make_bucket(f"{bucket}-new"),
+    ]
+    for attempt in denied:
+        with pytest.raises(S3Error, match="Access Denied|AccessDenied"):
+            attempt()
 
 
 def _seconds(duration: str) -> float:
