@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -29,8 +31,11 @@ from dataflow.decode.envelopes import Decoder
 from dataflow.dlq.writer import FallbackFile
 from dataflow.lake.offsets import list_tables
 from dataflow.model import REPLAY_HEADER, DeadLetter, Reason
+from dataflow.runtime import logs, secrets
 from dataflow.runtime.settings import Settings, SettingsError
 from dataflow.source.topics import end_offsets, match_topics
+
+log = logging.getLogger("dataflow.cli")
 
 
 def progress(label: str, done: int, total: int | None = None) -> None:
@@ -74,11 +79,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     partitions: dict[str, int] = {}
     ends: dict = {}
     if settings.brokers:
-        topics = list(settings.topics) or match_topics(settings.brokers, settings.topic_pattern or ".*")
+        topics = list(settings.topics) or match_topics(
+            settings.brokers, settings.topic_pattern or ".*", **settings.kafka_config
+        )
         try:
             ends = end_offsets(settings.brokers, topics, **settings.kafka_config)
         except Exception as e:  # status still shows the tables without the broker
-            print(f"warning: cannot read end offsets from {settings.brokers}: {e}", file=sys.stderr)
+            log.warning("cannot read end offsets from %s: %s", settings.brokers, e)
         for topic, p in ends:
             partitions[topic] = max(partitions.get(topic, 0), p + 1)
     uris = list_tables(settings.lake_uri, settings.storage_options or None)
@@ -382,18 +389,26 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    os.umask(0o077)  # files it writes (a DLQ file, the CA bundle) are owner-only
+    logs.configure(os.environ.get("CDC_LOG_LEVEL") or "WARNING", os.environ.get("CDC_LOG_FORMAT") or "text")
+    redact = logs.Redactor().redact
     try:
         settings = Settings.from_env()
+        secrets.trust_storage_ca()
         if args.command == "status":
             return cmd_status(settings, args)
         if args.dlq_command == "inspect":
             return cmd_inspect(settings, args)
         return cmd_replay(settings, args)
-    except SettingsError as e:
-        print(e, file=sys.stderr)
+    except (SettingsError, secrets.SecretFileError) as e:
+        print(redact(str(e)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a broker or store refusing, say: one line, no secret, no raw traceback
+        log.debug("cdc %s failed", args.command, exc_info=True)
+        print(redact(f"cdc {args.command}: {type(e).__name__}: {e}"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

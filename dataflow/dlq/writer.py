@@ -61,9 +61,9 @@ class FallbackFile:
         lines = [r.to_json() + b"\n" for r in records]
         if not lines:
             return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, b"".join(lines))  # one write: lines of concurrent writers do not interleave
                 os.fsync(fd)

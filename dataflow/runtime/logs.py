@@ -10,37 +10,53 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import traceback
 from datetime import UTC, datetime
 
 import orjson
 
+from dataflow.runtime.secrets import secret_values
+
 CONTEXT_FIELDS = ("table", "topic", "partition", "offset", "batch_id", "uri", "version", "rows", "reason")
-SECRET_VARS = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "CDC_KAFKA_SASL_PASSWORD",
-    "CDC_KAFKA_SSL_KEY_PASSWORD",
-)
 
 
-class Redactor(logging.Filter):
-    """Replaces the values of secret variables wherever they would appear in a log line."""
+class Redactor:
+    """Replaces every secret this process knows (`secrets.secret_values`) wherever it appears.
+
+    Applied to whole formatted lines, so the message, its arguments, `extra`
+    fields and tracebacks are all covered; a secret is also caught as JSON
+    escapes it, and as `repr` would print it.
+    """
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
-        super().__init__()
-        env = os.environ if env is None else env
-        self.secrets = [v for k in SECRET_VARS if len(v := env.get(k, "")) >= 4]
+        self.env = env
+
+    def _forms(self) -> list[str]:
+        forms: list[str] = []
+        for v in secret_values(self.env):
+            for form in (v, orjson.dumps(v).decode()[1:-1], repr(v)[1:-1]):
+                if form not in forms:
+                    forms.append(form)
+        return forms
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
+        for secret in self._forms():
+            if secret in text:
+                text = text.replace(secret, "***")
         return text
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            record.msg = self.redact(record.getMessage())
-            record.args = None
-        return True
+
+class RedactingFormatter(logging.Formatter):
+    """Any formatter's output with the secrets taken out."""
+
+    def __init__(self, inner: logging.Formatter, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.redactor = redactor or Redactor()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor.redact(self.inner.format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,12 +88,31 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
     if fmt not in ("json", "text"):
         raise ValueError(f"CDC_LOG_FORMAT={given_fmt!r} must be json or text")
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(Redactor())
-    handler.setFormatter(
+    inner = (
         JsonFormatter()
         if fmt == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
+    handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    install_excepthooks()
+
+
+def install_excepthooks() -> None:
+    """Uncaught exceptions (Bytewax prints a failed flow's that way) go out redacted."""
+    redactor = Redactor()
+
+    def hook(exc_type, exc, tb) -> None:  # noqa: ANN001 - sys.excepthook's signature
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(redactor.redact(text))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+        sys.stderr.write(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n{redactor.redact(text)}")
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook

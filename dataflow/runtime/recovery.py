@@ -70,7 +70,8 @@ def _problems(directory: Path) -> list[str]:
 def prepare(directory: str | Path, *, partitions: int, fingerprint: dict) -> str:
     """Make `directory` a usable store; returns "created", "replaced" or "resumed"."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _owner_only(directory)
     meta = directory / FINGERPRINT
     has_files = any(directory.glob("part-*.sqlite3"))
     problems: list[str] = []
@@ -95,7 +96,7 @@ def prepare(directory: str | Path, *, partitions: int, fingerprint: dict) -> str
     if has_files:
         aside = directory.with_name(f"{directory.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
         shutil.move(str(directory), aside)
-        directory.mkdir(parents=True)
+        directory.mkdir(mode=0o700, parents=True)
         log.error(
             "recovery store at %s is unusable (%s); moved it to %s and created a new one; "
             "every partition resumes from the offsets committed in the Delta tables",
@@ -114,7 +115,17 @@ def prepare(directory: str | Path, *, partitions: int, fingerprint: dict) -> str
         state = "created"
     init_db_dir(directory, partitions)
     meta.write_bytes(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS))
+    _owner_only(directory)
     return state
+
+
+def _owner_only(directory: Path) -> None:
+    """The store holds pickles (whoever can write them runs code at the next restore) and raw
+    documents: the folder 0700 and its files 0600, whatever umask made them."""
+    directory.chmod(0o700)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o600)
 
 
 def wait_ready(directory: str | Path, timeout: float, started: float | None = None) -> None:

@@ -36,6 +36,7 @@ from dataflow.dlq.writer import DLQConfig
 from dataflow.lake.layout import TableLocations, TableMode
 from dataflow.runtime.failures import ConfigError
 from dataflow.runtime.retry import RetryPolicy
+from dataflow.runtime.secrets import STORAGE_CA, SecretFileError, is_secret, resolve_files
 
 # Rows per batch unless CDC_BATCH_MAX_ROWS says otherwise. A MERGE rewrites every file its
 # updates touch, so merge mode gains from larger batches (bench/RESULTS.md, "Merge batch size").
@@ -46,8 +47,6 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["json", "text"]
 SAMPLE = Path(__file__).parent.parent / "sample" / "changes.jsonl"
 
-# A variable (or Kafka property) whose name holds one of these never has its value printed.
-SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
 # What librdkafka is asked to build when it checks the CDC_KAFKA_* properties: a consumer
 # without bootstrap.servers, which connects nowhere; log_level 0 keeps its warnings about
 # producer-only properties (valid, just for the other client) off stderr.
@@ -56,10 +55,6 @@ KAFKA_CHECK_CONFIG = {"group.id": "cdc-settings-check", "log_level": 0}
 
 class SettingsError(ConfigError):
     """The environment does not describe a pipeline that can run."""
-
-
-def is_secret(name: str) -> bool:
-    return any(word in name.upper() for word in SECRET_WORDS)
 
 
 def _bad(reason: str) -> PydanticCustomError:
@@ -370,6 +365,11 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        known = set(_variables(cls))
+        try:  # `<NAME>_FILE` gives NAME from a mounted file (a Kubernetes or Docker secret)
+            env = resolve_files(env, lambda name: name in known or name.startswith(_FILE_PREFIXES))
+        except SecretFileError as e:
+            raise SettingsError(f"invalid configuration:\n  - {e}") from None
         data: dict[str, Any] = {name: env[name] for name in _variables(cls) if name in env}
         lake = env.get("CDC_LAKE_URI") or ""
         data["storage_options"] = s3_storage_options(env) if lake.startswith(("s3://", "s3a://")) else {}
@@ -514,7 +514,13 @@ def s3_storage_options(env: Mapping[str, str]) -> dict[str, str]:
     # S3-compatible stores (MinIO) want path-style addressing.
     opts.setdefault("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false")
     # Any object-store option, e.g. CDC_STORAGE_MAX_RETRIES=3 -> max_retries.
-    opts.update({k[len("CDC_STORAGE_") :].lower(): v for k, v in env.items() if k.startswith("CDC_STORAGE_")})
+    opts.update(
+        {
+            k[len("CDC_STORAGE_") :].lower(): v
+            for k, v in env.items()
+            if k.startswith("CDC_STORAGE_") and k not in _NOT_STORAGE_OPTIONS
+        }
+    )
     # Bound the object store's own retries, so an outage reaches our breaker in seconds,
     # not after minutes inside one attempt.
     opts.setdefault("connect_timeout", "5s")
@@ -522,6 +528,11 @@ def s3_storage_options(env: Mapping[str, str]) -> dict[str, str]:
     opts.setdefault("max_retries", "4")
     opts.setdefault("retry_timeout", "10s")
     return opts
+
+
+# CDC_STORAGE_* variables that are ours, not object-store options (dataflow.runtime.secrets).
+_NOT_STORAGE_OPTIONS = frozenset({STORAGE_CA, "CDC_STORAGE_CA_BUNDLE_FOR"})
+_FILE_PREFIXES = ("CDC_KAFKA_", "CDC_STORAGE_", "AWS_")
 
 
 def kafka_property(variable: str) -> str:

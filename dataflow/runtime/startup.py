@@ -13,7 +13,7 @@ import os
 import sys
 
 from dataflow import speedups
-from dataflow.runtime import gc_timer, logs, recovery, shutdown
+from dataflow.runtime import gc_timer, logs, recovery, secrets, shutdown
 from dataflow.runtime.failures import ConfigError, Kind, classify
 from dataflow.runtime.retry import RetryPolicy
 from dataflow.runtime.settings import KafkaSettings, Settings
@@ -25,10 +25,13 @@ log = logging.getLogger("dataflow")
 
 def start() -> tuple[Settings, dict[str, int]]:
     """The settings and the partition count of every topic to read; exits with a message on a bad setup."""
+    # Recovery snapshots (pickles, documents), dead-letter files and the CA bundle: owner-only.
+    os.umask(0o077)
     try:
         settings = Settings.from_env()
-    except ConfigError as e:
-        sys.exit(f"cdc: {e}")
+        secrets.trust_storage_ca()
+    except (ConfigError, secrets.SecretFileError) as e:
+        sys.exit(logs.Redactor().redact(f"cdc: {e}"))
     logs.configure(settings.logging.level, settings.logging.format)
     shutdown.install(settings.shutdown_grace_seconds)
     try:
