@@ -227,14 +227,22 @@ def start_cluster(env: dict[str, str], log_dir: Path, processes: int = 2) -> lis
 # ---------------------------------------------------------------- shared checks
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[Any]:
+def read_topic(
+    bootstrap: str, topic: str, expected: int, timeout: float = 60, config: dict[str, str] | None = None
+) -> list[Any]:
     """Every message on `topic`, read to the end of each partition (confluent-kafka messages).
 
     Fails when fewer than `expected` have arrived by `timeout`. Partitions are
     assigned, not subscribed, so an empty answer is never a group still joining.
+    `config` adds client settings (TLS, SASL).
     """
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"check-{topic}", "enable.partition.eof": True}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"check-{topic}",
+            "enable.partition.eof": True,
+            **(config or {}),
+        }
     )
     out: list[Any] = []
     try:
@@ -257,9 +265,11 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -
     return out
 
 
-def read_dlq(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[DeadLetter]:
+def read_dlq(
+    bootstrap: str, topic: str, expected: int, timeout: float = 60, config: dict[str, str] | None = None
+) -> list[DeadLetter]:
     """Every dead letter on the DLQ topic (see `read_topic`)."""
-    return [DeadLetter.from_json(m.value()) for m in read_topic(bootstrap, topic, expected, timeout)]
+    return [DeadLetter.from_json(m.value()) for m in read_topic(bootstrap, topic, expected, timeout, config)]
 
 
 def assert_exactly_once(model: Model, gen: Generator, bucket: str, so: dict[str, str]) -> dict[str, int]:
