@@ -16,9 +16,10 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -294,6 +295,17 @@ def still_bad(r: DeadLetter, decoder: Decoder) -> str | None:
     return f"{result.reason}: {result.error}"
 
 
+def replay_topics(settings: Settings, extra: list[str]) -> Callable[[str], bool]:
+    """The topics a replay may write to: those the pipeline reads, and any allowed by hand.
+
+    A dead-letter record names its own topic, and a record can be edited or
+    made up: without this, a replay could write any message to any topic.
+    """
+    names = set(settings.topics) | set(extra)
+    pattern = re.compile(settings.topic_pattern) if settings.topic_pattern else None
+    return lambda topic: topic in names or (pattern is not None and pattern.fullmatch(topic) is not None)
+
+
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.brokers:
         raise SettingsError("replay sends records to their source topics: set CDC_KAFKA_BROKERS")
@@ -309,14 +321,23 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         }
     )
     failures: list[str] = []
-    sent = skipped = bad = 0
+    sent = skipped = bad = refused = 0
     decoder = settings.decoder
+    allowed = replay_topics(settings, args.allow_topic or [])
     for i, r in enumerate(records, 1):
         source = f"{r.topic}:{r.partition}:{r.offset}"
         if source in done:
             skipped += 1
             continue
-        if not args.force and r.reason is not Reason.DELTA_WRITE_ERROR and (why := still_bad(r, decoder)):
+        if not allowed(r.topic):
+            refused += 1
+            print(
+                f"not replaying {source}: topic {r.topic!r} is not one this pipeline reads "
+                f"(CDC_TOPICS, CDC_TOPIC_PATTERN); --allow-topic {r.topic} allows it",
+                file=sys.stderr,
+            )
+            continue
+        if not args.force and (why := still_bad(r, decoder)):
             bad += 1
             print(
                 f"not replaying {source}: it would be dead-lettered again ({why}); fix it or use --force",
@@ -346,7 +367,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     if producer.flush(30) != 0:
         failures.append("ledger records not confirmed")
     verb = "would replay" if args.dry_run else "replayed"
-    print(f"{verb} {sent}, already replayed {skipped}, still bad {bad}, failed {len(failures)}")
+    print(
+        f"{verb} {sent}, already replayed {skipped}, still bad {bad}, refused {refused}, failed {len(failures)}"
+    )
     for f in failures[:20]:
         print(f"  failed: {f}", file=sys.stderr)
     return 1 if failures else 0
@@ -383,7 +406,15 @@ def parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--ledger", help="ledger topic (default <DLQ topic>.replayed)")
             p.add_argument("--dry-run", action="store_true")
-            p.add_argument("--force", action="store_true", help="replay even records that would fail again")
+            p.add_argument(
+                "--force", action="store_true", help="replay without checking records would decode now"
+            )
+            p.add_argument(
+                "--allow-topic",
+                action="append",
+                metavar="TOPIC",
+                help="a topic to replay to besides those the pipeline reads (repeatable)",
+            )
     return top
 
 

@@ -1019,9 +1019,53 @@ def test_parse_never_raises_on_mutated_envelopes(data: st.DataObject) -> None:
 
 
 def test_valid_fixtures_are_valid() -> None:
+    decoder = Decoder(tables=TopicTables({TOPIC: "*"}))  # the fixtures name several namespaces
     for value in VALID:
-        assert isinstance(parse(kmsg(value)), ChangeEvent)
+        assert isinstance(decoder.parse(kmsg(value)), ChangeEvent)
 
 
 def test_default_max_bytes() -> None:
     assert events.DEFAULT_MAX_BYTES == 16 * 1024 * 1024
+
+
+# --- a message may only write to a table its topic carries
+
+
+def _ns_msg(topic: str, db: str, coll: str) -> KafkaSourceMessage:
+    payload = dbz_payload("c", ej({"_id": {"$oid": OID}, "x": 1}))
+    payload["source"] = {**payload["source"], "db": db, "collection": coll}
+    return kmsg(dbz_value(payload), topic=topic)
+
+
+@pytest.mark.parametrize(
+    ("topic", "db", "coll", "tables"),
+    [
+        ("dbserver1.inventory.customers", "inventory", "customers", {}),
+        ("prod.eu.cdc.inventory.customers", "inventory", "customers", {}),  # a prefix with dots
+        ("inventory.customers", "inventory", "customers", {}),
+        ("all-changes", "shop", "orders", {"all-changes": "*"}),
+        ("shop-changes", "shop", "orders", {"shop-changes": "shop.*"}),
+        ("orders-topic", "shop", "orders", {"orders-topic": "shop.orders"}),
+    ],
+)
+def test_a_namespace_its_topic_carries_is_taken(topic: str, db: str, coll: str, tables: dict) -> None:
+    ev = Decoder(tables=TopicTables(tables)).parse(_ns_msg(topic, db, coll))
+    assert isinstance(ev, ChangeEvent) and ev.table == f"{db}.{coll}"
+
+
+@pytest.mark.parametrize(
+    ("topic", "db", "coll", "tables", "feeds"),
+    [
+        ("dbserver1.inventory.customers", "shop", "orders", {}, "[<prefix>.]shop.orders"),
+        ("dbserver1.inventory.customers", "inventory", "orders", {}, "[<prefix>.]inventory.orders"),
+        ("shop-changes", "billing", "orders", {"shop-changes": "shop.*"}, "shop.*"),
+        ("orders-topic", "shop", "users", {"orders-topic": "shop.orders"}, "shop.orders"),
+    ],
+)
+def test_a_namespace_its_topic_does_not_carry_is_dead_lettered_naming_both(
+    topic: str, db: str, coll: str, tables: dict, feeds: str
+) -> None:
+    """A replayed or injected message cannot write to another table than its topic's."""
+    dl = Decoder(tables=TopicTables(tables)).parse(_ns_msg(topic, db, coll))
+    assert isinstance(dl, DeadLetter) and dl.reason is Reason.SCHEMA_VALIDATION_FAILED
+    assert f"{db}.{coll}" in dl.error and repr(topic) in dl.error and feeds in dl.error, dl.error

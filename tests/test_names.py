@@ -97,6 +97,7 @@ def test_the_pipeline_writes_unusual_names_to_their_own_tables(tmp_path: Path) -
             CDC_LAKE_URI=str(lake),
             CDC_RECOVERY_DIR="off",
             CDC_DLQ_FALLBACK=str(tmp_path / "dlq.jsonl"),
+            CDC_TOPIC_TABLES=json.dumps({"mongo.names": "*"}),  # one topic carries every collection
         )
     )
     assert not (tmp_path / "dlq.jsonl").exists()

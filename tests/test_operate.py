@@ -13,6 +13,7 @@ import orjson
 import pytest
 from deltalake import DeltaTable
 
+from dataflow.model import DeadLetter, Reason
 from services.generate import Generator, produce
 from services.process import free_port
 from tests.harness import (
@@ -22,6 +23,7 @@ from tests.harness import (
     assert_table_matches,
     pipeline_env,
     read_dlq,
+    read_topic,
     run_pipeline,
     table_rows,
 )
@@ -202,3 +204,34 @@ def test_dlq_replay_round_trip_from_corrupt_event_to_delta_row_twice(kafka, s3, 
     assert {o["partition"] for o in mine["offsets"]} == {0, 1}
     # Lag counts offsets: only a trailing tombstone or dead letter may sit past the last commit.
     assert all(0 <= o["lag"] <= 1 for o in mine["offsets"])
+
+
+@pytest.mark.integration
+def test_dlq_replay_writes_only_to_the_topics_the_pipeline_reads(kafka, tmp_path) -> None:
+    """A record names its own topic, and records can be edited: a replay to any other topic is
+    refused (even with --force) unless allowed by hand."""
+    read, other = kafka.topic("read", partitions=1), kafka.topic("other", partitions=1)
+    gen = Generator(collections=1, prefix="x", seed=3)
+    good = next(m for m in gen.messages(5) if m.change is not None and m.change.op == "insert")
+    records = [
+        DeadLetter(Reason.DELTA_WRITE_ERROR, "refused", good.key, good.value, t, 0, n)
+        for n, t in enumerate((read, other))
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b"".join(r.to_json() + b"\n" for r in records))
+    env = pipeline_env(
+        CDC_KAFKA_BROKERS=kafka.bootstrap,
+        CDC_TOPICS=read,
+        CDC_LAKE_URI=str(tmp_path / "lake"),
+        CDC_TOPIC_TABLES=orjson.dumps({read: "*", other: "*"}).decode(),
+    )
+    out = cli(env, "dlq", "replay", "--file", str(path), "--force", "--ledger", kafka.topic("ledger", 1))
+    assert "replayed 1," in out.stdout and "refused 1," in out.stdout, out.stdout + out.stderr
+    assert f"topic {other!r} is not one this pipeline reads" in out.stderr
+    assert len(read_topic(kafka.bootstrap, read, 1)) == 1
+    assert read_topic(kafka.bootstrap, other, 0) == []
+    again = cli(
+        env, "dlq", "replay", "--file", str(path), "--allow-topic", other, "--ledger", kafka.topic("l2", 1)
+    )
+    assert "replayed 2," in again.stdout, again.stdout + again.stderr
+    assert len(read_topic(kafka.bootstrap, other, 1)) == 1

@@ -134,6 +134,7 @@ class Decoder:
     max_bytes: int = DEFAULT_MAX_BYTES
     fast: bool = True
     detections: Detections = field(default_factory=Detections)
+    _fits: set[tuple[str, str, str]] = field(default_factory=set, repr=False)  # checked (topic, db, coll)
 
     def parse(self, msg: Any, *, max_bytes: int | None = None) -> ChangeEvent | DeadLetter | Skipped:
         """Decode one Kafka message (anything with its attributes)."""
@@ -164,6 +165,18 @@ class Decoder:
                 err = validate.check_event(ev, key_id)
                 if err is not None:
                     return _dead(msg, value, _SCHEMA, err)
+            if ev.topic and (ev.topic, ev.db, ev.collection) not in self._fits:
+                feeds = self.tables.refuses(ev.topic, ev.db, ev.collection)
+                if feeds is not None:
+                    return _dead(
+                        msg,
+                        value,
+                        _SCHEMA,
+                        f"namespace {ev.db}.{ev.collection} does not belong on topic "
+                        f"{ev.topic!r}, which feeds {feeds} (CDC_TOPIC_TABLES, CDC_TOPIC_TABLE_REGEX)",
+                    )
+                if len(self._fits) < 10_000:
+                    self._fits.add((ev.topic, ev.db, ev.collection))
             return ev
         except _Reject as r:
             return _dead(msg, value, r.reason, r.error)

@@ -83,15 +83,17 @@ class TopicTables:
     def __post_init__(self) -> None:
         for topic, table in self.mapping.items():
             db, dot, coll = table.partition(".")
-            if not (db and dot and coll):
-                raise ConfigError(f"CDC_TOPIC_TABLES: {topic!r} maps to {table!r}, not <db>.<collection>")
+            if table != "*" and not (db and dot and coll and "*" not in db):
+                raise ConfigError(
+                    f"CDC_TOPIC_TABLES: {topic!r} maps to {table!r}, not <db>.<collection>, <db>.* or *"
+                )
         if self.regex is not None:
             _compiled(self.regex)
 
     def names(self, topic: str, *, debezium: bool) -> tuple[str, str]:
         """The (db, collection) of a message on `topic` that does not name them itself."""
         table = self.mapping.get(topic)
-        if table is not None:
+        if table is not None and not table.endswith("*"):
             db, _, coll = table.partition(".")
             return db, coll
         pattern = self.regex or (DEBEZIUM_TOPIC if debezium else MONGODB_TOPIC)
@@ -103,6 +105,37 @@ class TopicTables:
                 "the topic: set CDC_TOPIC_TABLES or CDC_TOPIC_TABLE_REGEX (README, 'Topics and tables')"
             )
         return m["db"], m["collection"]
+
+    def refuses(self, topic: str, db: str, coll: str) -> str | None:
+        """What `topic` may feed, when it is not `db.coll` (None: it may).
+
+        A replayed or injected message must not write to a table its topic does
+        not carry. A topic named in CDC_TOPIC_TABLES feeds its table (`<db>.*`:
+        any collection of the database; `*`: any table, for a topic that carries
+        several, e.g. MongoDB's `topic.namespace.map` to one topic); one that
+        CDC_TOPIC_TABLE_REGEX fits feeds the table the regex gives; otherwise a
+        topic feeds `<db>.<collection>` when its name ends with it, as both
+        connectors name topics (`<prefix>.<db>.<collection>`). A database-wide
+        change (no collection) fits a topic holding the database's name.
+        """
+        table = self.mapping.get(topic)
+        if table is not None:
+            tdb, _, tcoll = table.partition(".")
+            fits = table == "*" or (tdb == db and (tcoll in ("*", coll) or not coll))
+            return None if fits else table
+        if self.regex is not None:
+            m = _compiled(self.regex).fullmatch(topic)
+            if m is not None and m["db"] and m["collection"]:
+                if m["db"] == db and (m["collection"] == coll or not coll):
+                    return None
+                return f"{m['db']}.{m['collection']}"
+        if coll:
+            name = f"{db}.{coll}"
+            if topic == name or topic.endswith("." + name):
+                return None
+            return f"a topic named [<prefix>.]{name}"
+        parts = topic.split(".")
+        return None if db in parts else f"a topic holding the database name {db!r}"
 
 
 class Detections:

@@ -96,7 +96,7 @@ def _comma_list(value: Any) -> Any:
 
 
 def _json_map(value: Any) -> Any:
-    """`CDC_TOPIC_TABLES`: a JSON object of topic -> "<db>.<collection>"."""
+    """`CDC_TOPIC_TABLES`: a JSON object of topic -> "<db>.<collection>" (or "<db>.*", "*")."""
     if not isinstance(value, str):
         return value
     try:
@@ -107,8 +107,8 @@ def _json_map(value: Any) -> Any:
         raise _bad('must be a JSON object {"<topic>": "<db>.<collection>"}')
     for topic, table in parsed.items():
         db, dot, coll = table.partition(".")
-        if not (db and dot and coll):
-            raise _bad(f"maps {topic!r} to {table!r}, which is not <db>.<collection>")
+        if table != "*" and not (db and dot and coll and "*" not in db):
+            raise _bad(f"maps {topic!r} to {table!r}, which is not <db>.<collection>, <db>.* or *")
     return parsed
 
 
