@@ -15,11 +15,12 @@
  *       the message does not look exactly like that, or S uses anything but
  *       plain ASCII: the caller then parses it all.
  *
- *   walk(root, handlers, classify, plain) -> None
+ *   walk(root, handlers, classify, plain) -> None, or True past int64
  *       extjson._walk in C: replaces every Extended JSON type wrapper under root
- *       by its value, in place, in the same order. The common wrappers ($oid,
- *       $numberInt, $numberLong, $numberDouble, $date as milliseconds) are
- *       decoded here when they have their usual form; everything else is the
+ *       by its value, in place, in the same order. The common wrappers
+ *       ($numberInt, $numberLong, $numberDouble, $date as milliseconds; not $oid,
+ *       an ObjectId made in Python) are decoded here when they have their usual
+ *       form, and an integer past int64 is noted; everything else is the
  *       Python handler's job, and its exception propagates unchanged.
  *
  *   names_ok(d) -> bool
@@ -33,6 +34,13 @@
  *
  *   timestamps_us(values) -> (data, validity, null_count) | None
  *       A timestamp[us, UTC] column's Arrow buffers from UTC datetimes.
+ *
+ * walk and columns call back into Python (handlers, classify, a key's __hash__ and
+ * __eq__, a type's __hash__), and that code may change the containers being read:
+ * around such calls they hold references to all they use afterwards, and check the
+ * containers afterwards as Python's own iteration does. Values that cannot lead to
+ * Python code take no references: in walk anything but a dict, in columns a str key
+ * with a value whose type's metaclass is type.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -188,7 +196,7 @@ static void remember_prefix(const unsigned char *data, Py_ssize_t n) {
     prefix_next = (prefix_next + 1) % PREFIX_SLOTS;
 }
 
-static PyObject *payload_span(PyObject *module, PyObject *value) {
+static PyObject *payload_span(PyObject *Py_UNUSED(module), PyObject *value) {
     if (!PyBytes_CheckExact(value)) Py_RETURN_NONE;
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(value);
     Py_ssize_t size = PyBytes_GET_SIZE(value);
@@ -306,14 +314,18 @@ static PyObject *date_of_ms(long long ms) {
         ms_of_day % 1000 * 1000, PyDateTime_TimeZone_UTC, PyDateTimeAPI->DateTimeType);
 }
 
-static PyObject *s_number_long; /* "$numberLong" */
-
+/* No fast_fn runs Python code: the caller holds no references while it runs. */
 static PyObject *fast_date(PyObject *v) {
     long long ms;
     if (PyDict_CheckExact(v)) {
+        /* {"$numberLong": "<ms>"}, its key a str: a lookup could call a key's __eq__ */
         if (PyDict_GET_SIZE(v) != 1) return NULL;
-        PyObject *inner = PyDict_GetItemWithError(v, s_number_long);
-        if (inner == NULL || !small_int(inner, &ms)) return NULL;
+        Py_ssize_t pos = 0;
+        PyObject *k, *inner;
+        PyDict_Next(v, &pos, &k, &inner);
+        Py_ssize_t n;
+        const char *s = ascii(k, &n);
+        if (s == NULL || n != 11 || memcmp(s, "$numberLong", 11) != 0 || !small_int(inner, &ms)) return NULL;
     } else if (PyLong_CheckExact(v)) {
         int overflow;
         ms = PyLong_AsLongLongAndOverflow(v, &overflow);
@@ -360,7 +372,6 @@ static int has_dollar_key(PyObject *d) {
 typedef struct {
     PyObject **items;
     Py_ssize_t n, cap;
-    int wide; /* met an integer past int64 (orjson reads up to 2**64 - 1; BSON holds int64) */
 } stack_t;
 
 static int push(stack_t *st, PyObject *o) {
@@ -378,49 +389,68 @@ static int push(stack_t *st, PyObject *o) {
     return 0;
 }
 
-/* What the value v of a container becomes: a new reference to its replacement,
- * the borrowed sentinel `keep` to leave it as it is (pushing it if it is a
- * container to walk), or NULL on error. */
-static PyObject *visit(PyObject *v, PyObject *handlers, PyObject *classify, PyObject *plain, stack_t *st,
-                       PyObject *keep) {
-    if (PyDict_CheckExact(v)) {
-        Py_ssize_t n = PyDict_GET_SIZE(v);
-        if (n == 1) {
-            Py_ssize_t pos = 0;
-            PyObject *wk, *wv;
-            PyDict_Next(v, &pos, &wk, &wv);
-            fast_fn fast = fast_for(wk);
-            if (fast != NULL) {
-                PyObject *r = fast(wv);
-                if (r != NULL || PyErr_Occurred()) return r;
-            }
-            PyObject *handler = PyDict_GetItemWithError(handlers, wk);
-            if (handler != NULL) {
-                PyObject *args[2] = {wv, v};
-                return PyObject_Vectorcall(handler, args, 2, NULL);
-            }
-            if (PyErr_Occurred()) return NULL;
-        }
-        if (n > 0 && has_dollar_key(v)) {
-            PyObject *r = PyObject_CallOneArg(classify, v);
-            if (r == NULL) return NULL;
-            if (r != plain) return r;
-            Py_DECREF(r);
-        }
-        if (n > 0 && push(st, v) < 0) return NULL;
-        return keep;
-    }
-    if (PyList_CheckExact(v) && PyList_GET_SIZE(v) > 0 && push(st, v) < 0) return NULL;
-    if (PyLong_CheckExact(v) && !st->wide) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (x == -1 && PyErr_Occurred()) return NULL;
-        if (overflow) st->wide = 1;
-    }
-    return keep;
+/* What the dict v, a value in a container, becomes: 1 with *out a new reference to
+ * its replacement, 0 to leave it as it is (pushed when it is a document to walk), -1
+ * on error. The caller holds a reference to v: a handler or classify may take v out
+ * of its container. */
+/* 1 when an exact int does not fit int64 (BSON's widest integer), 0 when it does, -1 on error. */
+static int past_int64(PyObject *v) {
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    return overflow != 0;
 }
 
-static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+static int visit(PyObject *v, PyObject *handlers, PyObject *classify, PyObject *plain, stack_t *st,
+                 PyObject **out) {
+    if (PyDict_GET_SIZE(v) == 1) {
+        Py_ssize_t pos = 0;
+        PyObject *wk, *wv;
+        PyDict_Next(v, &pos, &wk, &wv);
+        fast_fn fast = fast_for(wk);
+        if (fast != NULL) {
+            PyObject *r = fast(wv);
+            if (r != NULL) {
+                *out = r;
+                return 1;
+            }
+            if (PyErr_Occurred()) return -1;
+        }
+        /* Python code from here on (the lookup hashes wk when it is not a str), which may
+         * empty v: hold its key and value. */
+        Py_INCREF(wk);
+        Py_INCREF(wv);
+        PyObject *handler = PyDict_GetItemWithError(handlers, wk);
+        if (handler != NULL) {
+            Py_INCREF(handler);
+            PyObject *args[2] = {wv, v};
+            PyObject *r = PyObject_Vectorcall(handler, args, 2, NULL);
+            Py_DECREF(handler);
+            Py_DECREF(wk);
+            Py_DECREF(wv);
+            if (r == NULL) return -1;
+            *out = r; /* whatever it is, as `_walk` stores it (the plain marker too) */
+            return 1;
+        }
+        Py_DECREF(wk);
+        Py_DECREF(wv);
+        if (PyErr_Occurred()) return -1;
+    }
+    if (has_dollar_key(v)) {
+        PyObject *r = PyObject_CallOneArg(classify, v);
+        if (r == NULL) return -1;
+        if (r != plain) {
+            *out = r;
+            return 1;
+        }
+        Py_DECREF(r);
+    }
+    /* `if v: push(v)` after classify, which may have changed v */
+    if (PyDict_GET_SIZE(v) > 0 && push(st, v) < 0) return -1;
+    return 0;
+}
+
+static PyObject *walk(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "walk(root, handlers, classify, plain)");
         return NULL;
@@ -430,39 +460,71 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "handlers must be a dict");
         return NULL;
     }
-    PyObject *keep = plain; /* never a replacement value: it means "leave this one" */
-    stack_t st = {NULL, 0, 0, 0};
-    int failed = 0;
+    stack_t st = {NULL, 0, 0};
+    int failed = 0, wide = 0; /* wide: met an integer past int64 (orjson reads up to 2**64 - 1) */
     if (push(&st, root) < 0) return NULL;
+    /* Only a dict value can lead to Python code (a handler, classify, a key's __hash__
+     * or a value's __del__ while storing): only there are references taken, and the
+     * container checked afterwards, as Python's own iteration would. */
     while (st.n > 0 && !failed) {
-        PyObject *c = st.items[--st.n];
+        PyObject *c = st.items[--st.n]; /* the stack's reference */
         if (PyDict_CheckExact(c)) {
-            Py_ssize_t pos = 0;
+            Py_ssize_t pos = 0, size = PyDict_GET_SIZE(c);
             PyObject *k, *v;
             while (PyDict_Next(c, &pos, &k, &v)) {
-                PyObject *r = visit(v, handlers, classify, plain, &st, keep);
-                if (r == NULL) {
-                    failed = 1;
-                    break;
-                }
-                if (r != keep) {
-                    /* same key: the dict's size does not change, so iterating on is safe */
-                    int rc = PyDict_SetItem(c, k, r);
-                    Py_DECREF(r);
-                    if (rc < 0) {
+                if (!PyDict_CheckExact(v)) {
+                    if (PyList_CheckExact(v) && PyList_GET_SIZE(v) > 0 && push(&st, v) < 0) {
                         failed = 1;
                         break;
                     }
+                    if (!wide && PyLong_CheckExact(v) && (wide = past_int64(v)) < 0) {
+                        failed = 1;
+                        break;
+                    }
+                    continue;
                 }
-            }
-        } else if (PyList_CheckExact(c)) {
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(c); i++) {
-                PyObject *r = visit(PyList_GET_ITEM(c, i), handlers, classify, plain, &st, keep);
-                if (r == NULL) {
+                Py_INCREF(k);
+                Py_INCREF(v);
+                PyObject *r;
+                int rc = visit(v, handlers, classify, plain, &st, &r);
+                if (rc > 0) {
+                    rc = PyDict_SetItem(c, k, r);
+                    Py_DECREF(r);
+                }
+                Py_DECREF(k);
+                Py_DECREF(v);
+                if (rc == 0 && PyDict_GET_SIZE(c) != size) {
+                    PyErr_SetString(PyExc_RuntimeError, "dictionary changed size during iteration");
+                    rc = -1;
+                }
+                if (rc < 0) {
                     failed = 1;
                     break;
                 }
-                if (r != keep) PyList_SetItem(c, i, r); /* steals r */
+            }
+        } else if (PyList_CheckExact(c)) {
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(c); i++) { /* its size read again each time */
+                PyObject *v = PyList_GET_ITEM(c, i);
+                if (!PyDict_CheckExact(v)) {
+                    if (PyList_CheckExact(v) && PyList_GET_SIZE(v) > 0 && push(&st, v) < 0) {
+                        failed = 1;
+                        break;
+                    }
+                    if (!wide && PyLong_CheckExact(v) && (wide = past_int64(v)) < 0) {
+                        failed = 1;
+                        break;
+                    }
+                    continue;
+                }
+                Py_INCREF(v);
+                PyObject *r;
+                int rc = visit(v, handlers, classify, plain, &st, &r);
+                if (rc > 0) rc = PyList_SetItem(c, i, r); /* steals r; IndexError if c shrank */
+                Py_DECREF(v);
+                if (rc < 0) {
+                    failed = 1;
+                    break;
+                }
             }
         }
         Py_DECREF(c);
@@ -470,7 +532,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     while (st.n > 0) Py_DECREF(st.items[--st.n]);
     PyMem_Free(st.items);
     if (failed) return NULL;
-    if (st.wide) Py_RETURN_TRUE;
+    if (wide) Py_RETURN_TRUE;
     Py_RETURN_NONE;
 }
 
@@ -478,7 +540,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* True when every key of the dict is a non-empty str without NUL; False means
  * "let validate.check_field_names look": it words the error. */
-static PyObject *names_ok(PyObject *module, PyObject *d) {
+static PyObject *names_ok(PyObject *Py_UNUSED(module), PyObject *d) {
     if (!PyDict_CheckExact(d)) Py_RETURN_FALSE;
     Py_ssize_t pos = 0;
     PyObject *k, *v;
@@ -499,11 +561,65 @@ static PyObject *names_ok(PyObject *module, PyObject *d) {
 
 /* ------------------------------------------------------------------- columns */
 
+/* Row i's value v of field k into the columns, where Python code may run: the
+ * lookups may call k's __hash__ and __eq__ (or those of a key already in values),
+ * the comparison with skip k's __eq__, adding type(v) to a set its metaclass's
+ * __hash__ and __eq__, a new column a garbage collection, and that code may change
+ * the row. So the caller holds k and v, and the column and the type set are held. */
+static int put(PyObject *values, PyObject *types, PyObject *k, PyObject *v, Py_ssize_t i, Py_ssize_t n,
+               PyObject *skip) {
+    PyObject *col = PyDict_GetItemWithError(values, k), *seen;
+    if (col == NULL) {
+        if (PyErr_Occurred()) return -1;
+        int is_skip = PyObject_RichCompareBool(k, skip, Py_EQ);
+        if (is_skip < 0) return -1;
+        if (is_skip) return 0;
+        col = PyList_New(n);
+        if (col == NULL) return -1;
+        for (Py_ssize_t j = 0; j < n; j++) PyList_SET_ITEM(col, j, Py_NewRef(Py_None));
+        seen = PySet_New(NULL);
+        if (seen == NULL || PyDict_SetItem(values, k, col) < 0 || PyDict_SetItem(types, k, seen) < 0) {
+            Py_DECREF(col);
+            Py_XDECREF(seen);
+            return -1;
+        }
+    } else {
+        Py_INCREF(col);
+        seen = PyDict_GetItemWithError(types, k);
+        if (seen == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "a field name's __hash__ or __eq__ changed its answer");
+            Py_DECREF(col);
+            return -1;
+        }
+        Py_INCREF(seen);
+    }
+    int rc = 0;
+    if (i >= PyList_GET_SIZE(col)) {
+        /* rows grew during the call: `col[i] = v` in field_values fails so */
+        PyErr_SetString(PyExc_IndexError, "list assignment index out of range");
+        rc = -1;
+    } else {
+        PyObject *old = PyList_GET_ITEM(col, i);
+        PyList_SET_ITEM(col, i, Py_NewRef(v));
+        Py_DECREF(old);
+        if (v != Py_None) rc = PySet_Add(seen, (PyObject *)Py_TYPE(v));
+    }
+    Py_DECREF(col);
+    Py_DECREF(seen);
+    return rc;
+}
+
 /* arrow_convert.field_values and the type sets field_kinds reads, in one pass:
  * (values, types) with values {field: [value or None] * n} in order of first
  * appearance (skip left out) and types {field: {type(v) for v not None}}.
- * None when a row is not a dict: the Python functions then do it. */
-static PyObject *columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+ * None when a row is not a dict: the Python functions then do it.
+ *
+ * Python code called from here (see put) may change rows and the row being read:
+ * as in field_values, rows is read up to its size of the moment, a row that changes
+ * size is a RuntimeError, and a row that became something other than a dict is
+ * left to the Python functions (None). */
+static PyObject *columns(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3 || !PyList_CheckExact(args[0])) {
         PyErr_SetString(PyExc_TypeError, "columns(rows: list, n: int, skip: str)");
         return NULL;
@@ -520,38 +636,78 @@ static PyObject *columns(PyObject *module, PyObject *const *args, Py_ssize_t nar
         if (!PyDict_CheckExact(PyList_GET_ITEM(rows, i))) Py_RETURN_NONE;
     PyObject *values = PyDict_New(), *types = PyDict_New();
     if (values == NULL || types == NULL) goto fail;
-    for (Py_ssize_t i = 0; i < count; i++) {
+    int plain = PyUnicode_CheckExact(skip); /* no key nor type with Python methods met yet */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
         PyObject *row = PyList_GET_ITEM(rows, i);
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(row, &pos, &k, &v)) {
-            PyObject *col = PyDict_GetItemWithError(values, k);
-            PyObject *seen;
-            if (col == NULL) {
-                if (PyErr_Occurred()) goto fail;
-                int is_skip = PyObject_RichCompareBool(k, skip, Py_EQ);
-                if (is_skip < 0) goto fail;
-                if (is_skip) continue;
-                col = PyList_New(n);
-                if (col == NULL) goto fail;
-                for (Py_ssize_t j = 0; j < n; j++) PyList_SET_ITEM(col, j, Py_NewRef(Py_None));
-                seen = PySet_New(NULL);
-                if (seen == NULL || PyDict_SetItem(values, k, col) < 0 || PyDict_SetItem(types, k, seen) < 0) {
-                    Py_DECREF(col);
-                    Py_XDECREF(seen);
-                    goto fail;
-                }
-                Py_DECREF(col); /* values and types hold them */
-                Py_DECREF(seen);
-            } else {
-                seen = PyDict_GetItemWithError(types, k);
-                if (seen == NULL) goto fail;
-            }
-            PyObject *old = PyList_GET_ITEM(col, i);
-            PyList_SET_ITEM(col, i, Py_NewRef(v));
-            Py_DECREF(old);
-            if (v != Py_None && PySet_Add(seen, (PyObject *)Py_TYPE(v)) < 0) goto fail;
+        if (!PyDict_CheckExact(row)) {
+            Py_DECREF(values);
+            Py_DECREF(types);
+            Py_RETURN_NONE;
         }
+        Py_INCREF(row);
+        Py_ssize_t pos = 0, size = PyDict_GET_SIZE(row);
+        PyObject *k, *v;
+        int rc = 0;
+        while (PyDict_Next(row, &pos, &k, &v)) {
+            if (plain && PyUnicode_CheckExact(k)) {
+                /* The usual case, where no Python code runs: a str key looked up among str
+                 * keys, an existing column, and (below) a type whose hash and equality are type's. */
+                PyObject *col = PyDict_GetItemWithError(values, k);
+                if (col != NULL && i < PyList_GET_SIZE(col)) {
+                    PyObject *old = PyList_GET_ITEM(col, i); /* None: str keys are unique in a row */
+                    PyList_SET_ITEM(col, i, Py_NewRef(v));   /* col holds v from here on */
+                    Py_DECREF(old);
+                    if (v == Py_None) continue;
+                    PyObject *seen = PyDict_GetItemWithError(types, k);
+                    if (seen == NULL) {
+                        if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "columns: no type set");
+                        rc = -1;
+                        break;
+                    }
+                    if (Py_IS_TYPE(Py_TYPE(v), &PyType_Type)) {
+                        if ((rc = PySet_Add(seen, (PyObject *)Py_TYPE(v))) < 0) break;
+                        continue;
+                    }
+                    /* a metaclass: its __hash__ and __eq__ may be Python code */
+                    plain = 0;
+                    Py_INCREF(seen);
+                    rc = PySet_Add(seen, (PyObject *)Py_TYPE(v));
+                    Py_DECREF(seen);
+                    if (rc == 0 && PyDict_GET_SIZE(row) != size) {
+                        PyErr_SetString(PyExc_RuntimeError, "dictionary changed size during iteration");
+                        rc = -1;
+                    }
+                    if (rc < 0) break;
+                    continue;
+                }
+                if (col == NULL) {
+                    if (PyErr_Occurred()) {
+                        rc = -1;
+                        break;
+                    }
+                    int is_skip = PyObject_RichCompareBool(k, skip, Py_EQ); /* two str */
+                    if (is_skip != 0) {
+                        if ((rc = is_skip) < 0) break;
+                        rc = 0;
+                        continue;
+                    }
+                }
+            } else {
+                plain = 0; /* values may now hold a key with Python methods */
+            }
+            Py_INCREF(k);
+            Py_INCREF(v);
+            rc = put(values, types, k, v, i, n, skip);
+            Py_DECREF(k);
+            Py_DECREF(v);
+            if (rc == 0 && PyDict_GET_SIZE(row) != size) {
+                PyErr_SetString(PyExc_RuntimeError, "dictionary changed size during iteration");
+                rc = -1;
+            }
+            if (rc < 0) break;
+        }
+        Py_DECREF(row);
+        if (rc < 0) goto fail;
     }
     return Py_BuildValue("(NN)", values, types);
 fail:
@@ -567,7 +723,7 @@ fail:
  * the i whose text is `null` or holds "null" anywhere (orjson writes NaN and
  * Infinity as null, so the caller redoes those one by one). None when the text
  * is not a JSON array as expected. */
-static PyObject *json_elements(PyObject *module, PyObject *buf) {
+static PyObject *json_elements(PyObject *Py_UNUSED(module), PyObject *buf) {
     if (!PyBytes_CheckExact(buf)) Py_RETURN_NONE;
     const char *s = PyBytes_AS_STRING(buf);
     Py_ssize_t n = PyBytes_GET_SIZE(buf);
@@ -642,7 +798,7 @@ static long long days_from_civil(long long y, unsigned m, unsigned d) {
  * (values: bytes of int64 microseconds since the epoch, validity: bytes | None,
  * null_count). None when any value is something else (another time zone, a
  * naive datetime, a subclass): the caller lets pyarrow convert them. */
-static PyObject *timestamps_us(PyObject *module, PyObject *values) {
+static PyObject *timestamps_us(PyObject *Py_UNUSED(module), PyObject *values) {
     if (!PyList_CheckExact(values)) Py_RETURN_NONE;
     Py_ssize_t n = PyList_GET_SIZE(values), nulls = 0;
     PyObject *data = PyBytes_FromStringAndSize(NULL, n * 8);
@@ -700,12 +856,10 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     PyDateTime_IMPORT;
     if (PyDateTimeAPI == NULL) return NULL;
-    s_number_long = PyUnicode_InternFromString("$numberLong");
-    if (s_number_long == NULL) return NULL;
     return PyModule_Create(&module);
 }

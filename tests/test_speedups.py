@@ -6,11 +6,17 @@ requires the same values or the same error, word for word.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import os
 import random
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pyarrow as pa
@@ -307,3 +313,333 @@ def test_parse_matches_python_on_random_bytes(noise: bytes, seed: int) -> None:
     cut = random.Random(seed).randrange(len(value) + 1)
     msg = KafkaSourceMessage(base.key, value[:cut] + noise + value[cut:], topic=base.topic, offset=1)
     assert same(events.parse(msg)) == slow(lambda: same(events.parse(msg)))
+
+
+# --- objects crafted through the Python API
+#
+# The C functions call back into Python (walk's handlers and classify, a key's __eq__ and
+# __hash__, a value type's __hash__), and that code may change the very containers being
+# read. None of it may crash them, corrupt memory or leak. Each case that could crash runs
+# in its own interpreter with the debug allocator, which overwrites freed memory so that a
+# use-after-free fails for sure instead of passing by luck, and ends by checking that new
+# dicts and lists are distinct objects (an object freed twice is handed out twice).
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_PRELUDE = """\
+import gc, sys
+from dataflow import speedups
+from dataflow.lake import columns as arrow_convert
+native = speedups.native
+assert native is not None
+"""
+_EPILOGUE = """
+gc.collect()
+fresh = [{} for _ in range(200)] + [[] for _ in range(200)]
+assert len(set(map(id, fresh))) == len(fresh), "heap corrupted: an object handed out twice"
+print("survived")
+"""
+
+
+def isolated(code: str, **params: object) -> str:
+    """Run `code` in a fresh interpreter, with `params` as its globals; a crash there fails the
+    test instead of ending the run."""
+    env = {**os.environ, "PYTHONMALLOC": "debug", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": str(ROOT)}
+    given = "".join(f"{name} = {value!r}\n" for name, value in params.items())
+    script = _PRELUDE + given + textwrap.dedent(code) + _EPILOGUE
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout}{proc.stderr}"
+    assert proc.stdout.endswith("survived\n"), proc.stdout
+    return proc.stdout
+
+
+def test_walk_survives_a_handler_that_clears_the_dict_being_walked() -> None:
+    # The key the result is stored under was only held by the dict. Like `_walk`: the result
+    # is stored, then the next step finds that the dict changed size.
+    isolated("""
+        plain = object()
+        doc = {f"field-{i}": f"value-{i}" for i in range(6)}
+        doc[f"wrapper-{1}"] = {"$x": 1}  # built at run time: only the dict holds it
+        doc.update({f"more-{i}": {"$x": i} for i in range(6)})
+
+        def handler(wv, d):
+            doc.clear()
+            return "decoded"
+
+        try:
+            native.walk([doc], {"$x": handler}, lambda d: plain, plain)
+        except RuntimeError as e:
+            assert str(e) == "dictionary changed size during iteration", e
+        else:
+            raise AssertionError("no RuntimeError")
+        assert doc == {"wrapper-1": "decoded"}, doc
+    """)
+
+
+def test_walk_survives_a_handler_that_empties_the_list_being_walked() -> None:
+    # `_walk` stores the result with `c[k] = r`, which fails the same way.
+    isolated("""
+        plain = object()
+        lst = [{"$x": 1}, {"$x": 2}, {"a": [1]}]
+
+        def handler(wv, d):
+            lst.clear()
+            return "decoded"
+
+        try:
+            native.walk([lst], {"$x": handler}, lambda d: plain, plain)
+        except IndexError as e:
+            assert str(e) == "list assignment index out of range", e
+        else:
+            raise AssertionError("no IndexError")
+        assert lst == [], lst
+    """)
+
+
+def test_walk_survives_classify_dropping_the_dict_it_classifies() -> None:
+    # Like `_walk`, the plain document is still walked (pushed) after classify returns.
+    isolated("""
+        plain = object()
+        doc = {"$foo": 1, "n": {"$numberInt": "7"}, **{f"k{i}": [i] for i in range(20)}}
+        lst = [doc, {"$foo": 2}]
+        del doc
+        calls = []
+
+        def classify(d):
+            calls.append(len(d))
+            lst[0] = "replaced"
+            return plain
+
+        native.walk([lst], {}, classify, plain)
+        assert lst == ["replaced", {"$foo": 2}], lst
+        assert calls == [22, 1], calls
+    """)
+
+
+def test_walk_survives_a_wrapper_key_whose_hash_clears_the_parent() -> None:
+    # Looking the handler up hashes the key: here that frees the wrapper, its key and value.
+    isolated("""
+        plain = object()
+        armed = False
+
+        class Key:
+            def __hash__(self):
+                if armed:
+                    doc.clear()
+                return 12345
+
+        doc = {"before-1": 1, "wrapper-1": {Key(): [f"v{i}" for i in range(9)]}, "after-1": 2}
+        armed = True
+        try:
+            native.walk([doc], {"$x": None}, lambda d: plain, plain)
+        except RuntimeError as e:
+            assert str(e) == "dictionary changed size during iteration", e
+        else:
+            raise AssertionError("no RuntimeError")
+        armed = False
+        assert doc == {}, doc
+    """)
+
+
+def test_walk_fast_date_runs_no_python_code() -> None:
+    # {"$date": {"$numberLong": ..}} with a key that only compares equal to "$numberLong":
+    # its __eq__ would drop the dict being searched. That is the handler's case, not the fast path's.
+    isolated("""
+        plain = object()
+
+        class Key:
+            def __hash__(self):
+                return hash("$numberLong")
+
+            def __eq__(self, other):
+                lst[0] = None
+                return False
+
+        lst = [{"$date": {Key(): "1"}}]
+        native.walk([lst], {"$date": lambda wv, d: "handled"}, lambda d: plain, plain)
+        assert lst == ["handled"], lst
+    """)
+
+
+@pytest.mark.parametrize("behaviour", ["returns the plain marker", "returns a value", "raises", "classify"])
+def test_walk_keeps_no_reference_on_a_handler_path(behaviour: str) -> None:
+    plain, value, wrapped = object(), object(), object()
+
+    def handler(wv: object, d: dict) -> object:
+        if behaviour == "raises":
+            raise ValueError("bad")
+        return plain if behaviour == "returns the plain marker" else value
+
+    def classify(d: dict) -> object:
+        return value if behaviour == "classify" else plain
+
+    handlers = {} if behaviour == "classify" else {"$x": handler}
+    before = [sys.getrefcount(o) for o in (plain, value, wrapped)]
+    for _ in range(20_000):
+        holder = [{"a": {"$x": wrapped}}, [{"$x": wrapped}], {"$y": 1, "b": 2}]
+        with contextlib.suppress(ValueError):
+            native.walk(holder, handlers, classify, plain)
+        del holder
+    assert [sys.getrefcount(o) for o in (plain, value, wrapped)] == before
+
+
+def test_walk_stores_whatever_a_handler_returns_like_python() -> None:
+    plain = object()
+    holder = [{"a": {"$x": 1}}, {"$x": 2}]
+    native.walk(holder, {"$x": lambda wv, d: plain}, lambda d: plain, plain)
+    assert holder == [{"a": plain}, plain]  # `_walk`: c[k] = handler(wv, v)
+
+
+_CRAFTED_ROWS = """
+class Val:
+    def __init__(self, n):
+        self.n = n
+
+    def __repr__(self):
+        return f"Val({self.n})"
+
+
+class Sub(dict):
+    def items(self):
+        return [("y", Val(9))]
+
+
+class Key:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"Key({self.name!r})"
+
+    def __hash__(self):
+        if TRIGGER == "__hash__":
+            mutate()
+        return hash(self.name)
+
+    def __eq__(self, other):
+        if TRIGGER == "__eq__":
+            mutate()
+        return type(other) is Key and other.name == self.name
+
+
+def mutate():
+    global fired
+    if armed and not fired:
+        fired = True
+        MUTATIONS[MUTATION](rows)
+
+
+MUTATIONS = {
+    "clear the rows": lambda rows: rows.clear(),
+    "replace the next row by an int": lambda rows: rows.__setitem__(1, 5),
+    "replace the next row by a dict subclass": lambda rows: rows.__setitem__(1, Sub(x=Val(8))),
+    "append a row": lambda rows: rows.append({"b-1": Val(5)}),
+    "clear the row": lambda rows: rows[0].clear(),
+    "add to the row": lambda rows: rows[0].__setitem__(f"new-{1}", Val(6)),
+}
+
+
+def outcome():
+    global rows, armed, fired
+    armed = fired = False
+    rows = [
+        {"_id": Val(0), Key("a"): Val(1), f"b-{1}": Val(2), f"c-{1}": Val(3)},
+        {f"b-{1}": Val(4), Key("a"): Val(5)},
+    ]
+    armed = True
+    try:
+        values, kinds = arrow_convert.field_columns(rows)
+        armed = False
+        return ("ok", repr(values), repr(sorted(kinds.items(), key=repr)))
+    except Exception as e:
+        armed = False
+        return ("error", type(e).__name__, str(e))
+
+
+fast = outcome()
+speedups.native = None
+reference = outcome()
+speedups.native = native
+assert fast == reference, (fast, reference)
+print(fast)
+"""
+
+
+@pytest.mark.parametrize("trigger", ["__eq__", "__hash__"])
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        "clear the rows",
+        "replace the next row by an int",
+        "replace the next row by a dict subclass",
+        "append a row",
+        "clear the row",
+        "add to the row",
+    ],
+)
+def test_columns_matches_python_when_a_key_changes_the_rows(trigger: str, mutation: str) -> None:
+    # A field name's __eq__ (compared with skip) or __hash__ (the column lookup) changes the
+    # rows list or the row being read: the same values, or the same error, as field_values.
+    isolated(_CRAFTED_ROWS, TRIGGER=trigger, MUTATION=mutation)
+
+
+@pytest.mark.parametrize("column", ["new", "existing"])
+@pytest.mark.parametrize("clears", ["rows", "row"])
+def test_columns_survives_a_value_type_whose_hash_changes_the_rows(column: str, clears: str) -> None:
+    # The value types are gathered during the pass in C (afterwards in Python). Rows left are
+    # not read; the row being read is finished, unless it is what changed (as field_values).
+    isolated(
+        """
+        armed = False
+
+        class Meta(type):
+            def __hash__(cls):
+                if armed:
+                    (rows if CLEARS == "rows" else rows[1]).clear()
+                return 7
+
+        class T(metaclass=Meta):
+            pass
+
+        class Val:
+            pass
+
+        first = {"x": 1} if COLUMN == "new" else {"a": 1}
+        rows = [first, {"a": T(), f"b-{1}": Val()}, {"a": Val(), f"c-{1}": Val()}]
+        armed = True
+        try:
+            values, types = native.columns(rows, 3, "_id")
+        except RuntimeError as e:
+            assert CLEARS == "row" and str(e) == "dictionary changed size during iteration", e
+        else:
+            assert CLEARS == "rows", values
+            armed = False
+            n = type(None)
+            if COLUMN == "new":  # T is the first value of column a
+                expected = {"x": [int, n, n], "a": [n, T, n], "b-1": [n, Val, n]}
+                expected_types = {"x": {int}, "a": {T}, "b-1": {Val}}
+            else:
+                expected = {"a": [int, T, n], "b-1": [n, Val, n]}
+                expected_types = {"a": {int, T}, "b-1": {Val}}
+            assert {f: [type(v) for v in c] for f, c in values.items()} == expected, values
+            assert types == expected_types, types
+    """,
+        COLUMN=column,
+        CLEARS=clears,
+    )
+
+
+def test_columns_passes_on_the_error_of_a_value_type_hash() -> None:
+    class Meta(type):
+        def __hash__(cls) -> int:
+            raise ZeroDivisionError
+
+    value = Meta("T", (), {})()
+    key = "".join(["fie", "ld"])
+    before = sys.getrefcount(value), sys.getrefcount(key)
+    for _ in range(1000):
+        with pytest.raises(ZeroDivisionError):
+            native.columns([{"a": 1}, {key: value}], 2, "_id")
+    assert (sys.getrefcount(value), sys.getrefcount(key)) == before
