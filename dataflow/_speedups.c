@@ -15,12 +15,12 @@
  *       the message does not look exactly like that, or S uses anything but
  *       plain ASCII: the caller then parses it all.
  *
- *   walk(root, handlers, classify, plain) -> None, or True past int64
+ *   walk(root, handlers, classify, plain) -> None, or "int64" / "nul"
  *       extjson._walk in C: replaces every Extended JSON type wrapper under root
  *       by its value, in place, in the same order. The common wrappers
  *       ($numberInt, $numberLong, $numberDouble, $date as milliseconds; not $oid,
  *       an ObjectId made in Python) are decoded here when they have their usual
- *       form, and an integer past int64 is noted; everything else is the
+ *       form, and an integer past int64 or a NUL in a field name is noted; everything else is the
  *       Python handler's job, and its exception propagates unchanged.
  *
  *   names_ok(d) -> bool
@@ -393,6 +393,16 @@ static int push(stack_t *st, PyObject *o) {
  * its replacement, 0 to leave it as it is (pushed when it is a document to walk), -1
  * on error. The caller holds a reference to v: a handler or classify may take v out
  * of its container. */
+/* Whether a str key holds a NUL character (no Python code runs). */
+static int has_nul(PyObject *k) {
+    if (!PyUnicode_CheckExact(k)) return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(k);
+    if (PyUnicode_KIND(k) == PyUnicode_1BYTE_KIND) return memchr(PyUnicode_DATA(k), 0, (size_t)n) != NULL;
+    Py_ssize_t at = PyUnicode_FindChar(k, 0, 0, n, 1);
+    if (at == -2) PyErr_Clear();
+    return at >= 0;
+}
+
 /* 1 when an exact int does not fit int64 (BSON's widest integer), 0 when it does, -1 on error. */
 static int past_int64(PyObject *v) {
     int overflow;
@@ -461,7 +471,9 @@ static PyObject *walk(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
         return NULL;
     }
     stack_t st = {NULL, 0, 0};
-    int failed = 0, wide = 0; /* wide: met an integer past int64 (orjson reads up to 2**64 - 1) */
+    /* What BSON cannot hold, noted for the caller: an integer past int64 (orjson reads up
+     * to 2**64 - 1), a NUL in a field name (BSON keys are C strings). */
+    int failed = 0, wide = 0, nul = 0;
     if (push(&st, root) < 0) return NULL;
     /* Only a dict value can lead to Python code (a handler, classify, a key's __hash__
      * or a value's __del__ while storing): only there are references taken, and the
@@ -472,6 +484,7 @@ static PyObject *walk(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
             Py_ssize_t pos = 0, size = PyDict_GET_SIZE(c);
             PyObject *k, *v;
             while (PyDict_Next(c, &pos, &k, &v)) {
+                if (!nul && has_nul(k)) nul = 1;
                 if (!PyDict_CheckExact(v)) {
                     if (PyList_CheckExact(v) && PyList_GET_SIZE(v) > 0 && push(&st, v) < 0) {
                         failed = 1;
@@ -532,7 +545,8 @@ static PyObject *walk(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
     while (st.n > 0) Py_DECREF(st.items[--st.n]);
     PyMem_Free(st.items);
     if (failed) return NULL;
-    if (wide) Py_RETURN_TRUE;
+    if (wide) return PyUnicode_FromString("int64");
+    if (nul) return PyUnicode_FromString("nul");
     Py_RETURN_NONE;
 }
 
@@ -851,8 +865,8 @@ static PyMethodDef methods[] = {
     {"timestamps_us", (PyCFunction)timestamps_us, METH_O,
      "timestamps_us(values: list) -> (data, validity, null_count) | None: UTC datetimes as int64 us"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
-     "walk(root, handlers, classify, plain) -> None, or True when it met an integer past int64: "
-     "extjson._walk, natively"},
+     "walk(root, handlers, classify, plain) -> None, or 'int64' / 'nul' when it met an integer "
+     "past int64 / a NUL in a field name: extjson._walk, natively"},
     {NULL, NULL, 0, NULL},
 };
 

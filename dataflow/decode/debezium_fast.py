@@ -108,6 +108,8 @@ def _key_agrees(key: bytes, id_value: Any) -> bool:
     raw = k.get("id")
     if type(raw) is not str:
         return False
+    if t is ObjectId and (raw == f'{{"$oid": "{id_value}"}}' or raw == f'{{"$oid":"{id_value}"}}'):
+        return True  # Debezium's own spelling (and the compact one): no second parse
     kid = orjson.loads(raw)
     if t is str:
         return type(kid) is str and kid == id_value

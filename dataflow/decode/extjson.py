@@ -346,6 +346,8 @@ def _walk(root: dict | list, base: str) -> None:
         while stack:
             c = pop()
             for k, v in c.items() if type(c) is dict else enumerate(c):
+                if type(k) is str and "\x00" in k:
+                    raise InvalidBson(f"field name {k!r} holds a NUL character")
                 t = type(v)
                 if t is dict:
                     if len(v) == 1:  # fast path: most wrappers have one key
@@ -406,13 +408,15 @@ def decode(value: Any, *, path: str = "") -> Any:
         # wrapper, and names its path.
         holder = [value]
         try:
-            wide = native.walk(holder, _SINGLE, _classify, _PLAIN)
+            unfit = native.walk(holder, _SINGLE, _classify, _PLAIN)
         except InvalidBson:
             pass
         else:
-            if wide is True:
-                where = _wide_int_path(holder[0])
-                raise InvalidBson(_WIDE, _join(path, where))
+            if unfit == "int64":
+                raise InvalidBson(_WIDE, _join(path, _wide_int_path(holder[0])))
+            if unfit == "nul":
+                where, key = _nul_key_path(holder[0])
+                raise InvalidBson(f"field name {key!r} holds a NUL character", _join(path, [*where, key]))
             return holder[0]
     if t is dict:
         try:
@@ -440,6 +444,19 @@ def _wide_int_path(root: Any) -> list[Any]:
             if (t is dict or t is list) and v:
                 stack.append((v, [*keys, k]))
     return []
+
+
+def _nul_key_path(root: Any) -> tuple[list[Any], str]:
+    """Keys down to the first field name with a NUL under `root`, and that name (error path only)."""
+    stack: list[tuple[Any, list[Any]]] = [(root, [])]
+    while stack:
+        node, keys = stack.pop()
+        for k, v in node.items() if type(node) is dict else enumerate(node):
+            if type(k) is str and "\x00" in k:
+                return keys, k
+            if (type(v) is dict or type(v) is list) and v:
+                stack.append((v, [*keys, k]))
+    return [], ""
 
 
 def parse_json(text: str | bytes | memoryview) -> Any:

@@ -75,8 +75,10 @@ def _bson_problem(value: Any, path: str) -> str | None:
 
 def bson_problem(ev: ChangeEvent, raw: bytes) -> str | None:
     """Error text if the event holds a value BSON cannot (the INVALID_BSON text), else None."""
-    if _NUL not in raw and (speedups.native is not None or _WIDE_INT.search(raw) is None):
-        return None  # with the C walk, `extjson.decode` has refused integers past int64 already
+    if speedups.native is not None:
+        return None  # the C walk has found both while decoding (`extjson.decode`)
+    if _NUL not in raw and _WIDE_INT.search(raw) is None:
+        return None
     if ev.doc is not None:
         return _bson_problem(ev.doc, "")
     if ev.updated is not None:
