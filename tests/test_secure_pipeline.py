@@ -11,6 +11,7 @@ secret.
 from __future__ import annotations
 
 import collections
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,11 @@ def test_50k_events_over_sasl_ssl_and_https_with_secrets_from_files(
         model.tables
     )
     assert all(o["lag"] is not None for t in status for o in t["offsets"])
+    by_pattern = {k: v for k, v in env.items() if k != "CDC_TOPICS"}
+    by_pattern["CDC_TOPIC_PATTERN"] = re.escape(gen.prefix) + r"\..*"
+    assert (
+        orjson.loads(_cdc(by_pattern, "status", "--json").stdout) == status
+    )  # the pattern over SASL_SSL too
     inspect = _cdc(env, "dlq", "inspect", "--json", "--all")
     assert len(inspect.stdout.splitlines()) == sum(corrupt.values())
     replay = _cdc(env, "dlq", "replay")  # corrupt records would fail again: none is sent
