@@ -49,6 +49,21 @@ def run_pipeline(
     return proc
 
 
+def cli(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """`python -m dataflow.cli <args>` to completion; fails the test on a non-zero exit unless not `ok`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dataflow.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def lake_env(
     brokers: str, s3_env: dict[str, str], topics: list[str], bucket: str, tmp_path: Path, **extra: str
 ) -> dict[str, str]:

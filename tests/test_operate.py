@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -17,10 +15,10 @@ from dataflow.model import DeadLetter, Reason
 from services.generate import Generator, produce
 from services.process import free_port
 from tests.harness import (
-    ROOT,
     Model,
     PipelineProcess,
     assert_table_matches,
+    cli,
     pipeline_env,
     read_dlq,
     read_topic,
@@ -128,19 +126,6 @@ def test_metrics_move_and_the_breaker_opens_when_minio_stops(kafka, own_s3, tmp_
     model.apply(messages)
     for coll, expected in model.tables.items():
         assert_table_matches(f"s3://{bucket}/lake/{gen.db}/{coll}", expected, own_s3.storage_options)
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dataflow.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def test_dlq_replay_round_trip_from_corrupt_event_to_delta_row_twice(kafka, s3, tmp_path) -> None:

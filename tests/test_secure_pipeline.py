@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from services.generate import Generator, produce
-from tests.harness import ROOT, Model, assert_exactly_once, pipeline_env, read_dlq
+from tests.harness import ROOT, Model, assert_exactly_once, cli, pipeline_env, read_dlq
 
 pytestmark = pytest.mark.integration
 
@@ -56,20 +56,6 @@ def _assert_no_secret(secrets: list[str], *outputs: str) -> None:
     for out in outputs:
         for secret in secrets:
             assert secret not in out, "a secret was printed"
-
-
-def _cdc(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dataflow.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_50k_events_over_sasl_ssl_and_https_with_secrets_from_files(
@@ -119,22 +105,20 @@ def test_50k_events_over_sasl_ssl_and_https_with_secrets_from_files(
     assert files and all(f.stat().st_mode & 0o077 == 0 for f in files)
 
     # The CLI over the same connections.
-    status = orjson.loads(_cdc(env, "status", "--json").stdout)
+    status = orjson.loads(cli(env, "status", "--json").stdout)
     assert {t["table"].rsplit("/", 1)[1] for t in status if "/_changelog/" not in t["table"]} == set(
         model.tables
     )
     assert all(o["lag"] is not None for t in status for o in t["offsets"])
     by_pattern = {k: v for k, v in env.items() if k != "CDC_TOPICS"}
     by_pattern["CDC_TOPIC_PATTERN"] = re.escape(gen.prefix) + r"\..*"
-    assert (
-        orjson.loads(_cdc(by_pattern, "status", "--json").stdout) == status
-    )  # the pattern over SASL_SSL too
-    inspect = _cdc(env, "dlq", "inspect", "--json", "--all")
+    assert orjson.loads(cli(by_pattern, "status", "--json").stdout) == status  # the pattern over SASL_SSL too
+    inspect = cli(env, "dlq", "inspect", "--json", "--all")
     assert len(inspect.stdout.splitlines()) == sum(corrupt.values())
-    replay = _cdc(env, "dlq", "replay")  # corrupt records would fail again: none is sent
+    replay = cli(env, "dlq", "replay")  # corrupt records would fail again: none is sent
     assert "replayed 0" in replay.stdout, replay.stdout
     _assert_no_secret(
-        secrets, status.__repr__(), inspect.stderr, replay.stdout, replay.stderr, _cdc(env, "status").stdout
+        secrets, status.__repr__(), inspect.stderr, replay.stdout, replay.stderr, cli(env, "status").stdout
     )
 
 
@@ -181,5 +165,5 @@ def test_a_wrong_password_or_ca_fails_at_start_with_a_clear_message_and_no_secre
         proc.stdout,
         proc.stderr,
     )
-    status = _cdc(env, "status", ok=False)
+    status = cli(env, "status", ok=False)
     _assert_no_secret([planted, "planted-keystore-secret-77"], status.stdout, status.stderr)
