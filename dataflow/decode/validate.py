@@ -48,7 +48,8 @@ def check_field_names(names: Iterable[str]) -> str | None:
 
 
 # Text that may hold what BSON cannot: a NUL in a field name (JSON must escape it), or an
-# integer of 2**63 or more (orjson reads up to 2**64 - 1). Only a message that has one is walked.
+# integer of 2**63 or more (orjson reads up to 2**64 - 1). The C walk notes both as it decodes;
+# without it, only a message whose bytes may hold one is walked here.
 _NUL = b"\\u0000"
 _WIDE_INT = re.compile(rb"9[2-9][0-9]{17}|[0-9]{20}")
 _INT64_MAX = 2**63 - 1
