@@ -50,3 +50,20 @@ def test_store_of_other_topics_or_partition_counts_is_refused(tmp_path) -> None:
         with pytest.raises(RecoveryStoreMismatch, match="delete .*CDC_RECOVERY_DIR"):
             prepare(store, partitions=4, fingerprint=other)
     assert prepare(store, partitions=4, fingerprint=FP) == "resumed"
+
+
+def test_the_store_is_owner_only_whatever_the_umask(tmp_path) -> None:
+    """It holds pickles (run as code at a restore) and documents: nobody else may read or write it."""
+    import os
+
+    store = tmp_path / "store"
+    old = os.umask(0o022)
+    try:
+        prepare(store, partitions=2, fingerprint=FP)
+        (store / "extra.sqlite3-wal").write_bytes(b"x")  # what a writer may add with a loose umask
+        prepare(store, partitions=2, fingerprint=FP)
+    finally:
+        os.umask(old)
+    assert store.stat().st_mode & 0o777 == 0o700
+    files = [f for f in store.iterdir() if f.is_file()]
+    assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files)

@@ -302,3 +302,25 @@ def test_each_component_gets_its_share() -> None:
         s.batch.max_rows = 1  # type: ignore[misc]
     with pytest.raises(Exception):  # noqa: B017
         s.batch_max_rows = 1  # type: ignore[misc]
+
+
+def test_a_variable_from_a_file_and_its_refusals(tmp_path) -> None:
+    """`<NAME>_FILE` gives NAME (as mounted secrets do); both set, or a file unreadable, is refused
+    naming the variable and never the content."""
+    pw = tmp_path / "pw"
+    pw.write_text("file-pw-123456\n")
+    base = {"CDC_LAKE_URI": "/lake"}
+    s = Settings.from_env({**base, "CDC_KAFKA_SASL_PASSWORD_FILE": str(pw)})
+    assert s.kafka_config["sasl.password"] == "file-pw-123456"
+    assert "file-pw-123456" not in repr(s) + repr(s.kafka) + repr(s.dlq)
+    with pytest.raises(SettingsError, match="CDC_KAFKA_SASL_PASSWORD and CDC_KAFKA_SASL_PASSWORD_FILE") as e:
+        Settings.from_env(
+            {**base, "CDC_KAFKA_SASL_PASSWORD_FILE": str(pw), "CDC_KAFKA_SASL_PASSWORD": "other-pw-99"}
+        )
+    assert "other-pw-99" not in str(e.value) and "file-pw-123456" not in str(e.value)
+    with pytest.raises(SettingsError, match="AWS_SECRET_ACCESS_KEY_FILE=.*cannot be read"):
+        Settings.from_env({**base, "AWS_SECRET_ACCESS_KEY_FILE": str(tmp_path / "missing")})
+    s3 = Settings.from_env({"CDC_LAKE_URI": "s3://bucket/l", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY_FILE": str(pw),
+                            "CDC_STORAGE_CA_FILE": "/ca.pem"})  # fmt: skip
+    assert s3.storage_options["AWS_SECRET_ACCESS_KEY"] == "file-pw-123456"
+    assert "ca_file" not in s3.storage_options  # ours, not a delta-rs option

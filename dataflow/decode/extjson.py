@@ -71,7 +71,6 @@ _DOUBLE_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?
 _DECIMAL_RE = re.compile(
     r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)", re.IGNORECASE
 )
-_UUID_SUBTYPES = frozenset({"3", "03", "4", "04"})
 _WIDE = "an integer past int64, the widest BSON integer"
 _PLAIN = object()  # marker: "this object is a plain document, not a type wrapper"
 _repr = reprlib.Repr()
@@ -153,7 +152,7 @@ def _date(v: Any, _d: dict) -> datetime | DateMs:
     if t is str:
         m = _ISO_RE.fullmatch(v)
         if m is None:
-            raise InvalidBson(f"$date is not an ISO-8601 date-time with a time zone: {_show(v)}")
+            raise InvalidBson(f"$date is not an ISO-8601 date-time: {_show(v)}")
         try:
             dt = datetime.fromisoformat(v)
         except ValueError:
