@@ -22,13 +22,14 @@ from dataflow.batch.tables import batch_by_table
 from dataflow.decode.step import parse_events
 from dataflow.dlq.sink import DLQSink
 from dataflow.dlq.writer import DLQConfig, DLQWriter
-from dataflow.lake.offsets import collections_in, committed_offsets
+from dataflow.lake.offsets import collections_in, committed_offsets, lake_collections
 from dataflow.lake.storage import health_probe
 from dataflow.runtime import startup
 from dataflow.runtime.failures import describe
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
 from dataflow.runtime.settings import KafkaSettings, LakeSettings, RetrySettings, Settings
 from dataflow.sink.lake import LakeSink
+from dataflow.sink.materializer import Materializer, owner
 from dataflow.sink.policy import CommitPolicy
 from dataflow.source.kafka import CONSUMER_DEFAULTS, POLL_BATCH, ResumingKafkaSource
 from dataflow.source.sample import SampleFileSource
@@ -54,7 +55,7 @@ def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
         "batch", parsed.events, limits=settings.batch, inflight=inflight, decoder=decoder
     )
     policy = commit_policy(settings.lake, settings.retry, settings.dlq, settings.kafka, partitions)
-    op.output("delta", batches, LakeSink(policy, inflight))
+    op.output("delta", batches, LakeSink(policy, inflight, materializer_for(settings.lake, settings.retry)))
     return flow
 
 
@@ -99,7 +100,7 @@ def read_committed(
                 lake.pipeline_name,
                 partitions,
                 lake.storage_options or None,
-                paired=lake.tables.table_mode == "both",
+                merge=lake.tables.merge,
             ),
             operation="read_committed_offsets",
         )
@@ -108,6 +109,36 @@ def read_committed(
             "stopping: %s reading the offsets committed in the lake (%s)", describe(e), type(e).__name__
         )
         raise
+
+
+def materializer_for(lake: LakeSettings, retry: RetrySettings) -> Callable[[int, int], Materializer | None]:
+    """A factory of each worker's materializer (merge mode, unless CDC_MATERIALIZER=off)."""
+
+    def build(index: int, count: int) -> Materializer | None:
+        if not lake.tables.merge or lake.materializer == "off":
+            return None
+        uri, so = lake.tables.lake_uri, lake.storage_options or None
+
+        def mine() -> list[tuple[str, str]]:  # the lake's tables this worker catches up at start
+            return [t for t in lake_collections(uri, so) if owner(f"{t[0]}.{t[1]}", count) == index]
+
+        return Materializer(
+            lake.tables,
+            pipeline=lake.pipeline_name,
+            storage_options=so,
+            retry=retry.for_commits(),
+            breaker=StorageBreaker(
+                f"materializer-{index}",
+                probe=health_probe(uri, so),
+                failure_threshold=retry.breaker_failures,
+                recovery_timeout=retry.breaker_reset_seconds,
+            ),
+            round_rows=lake.mirror_round_rows,
+            tombstone_retention_s=lake.tombstone_retention_hours * 3600,
+            startup=mine,
+        )
+
+    return build
 
 
 def commit_policy(

@@ -18,8 +18,9 @@ from dataflow.model import BsonTimestamp, ChangeEvent
 from dataflow.runtime.failures import ConfigError
 from tests.harness import BASE_MS, TOPIC, ev
 
-MERGE_META = {"_id", "_key", "_seq", "_op", "_ts", "_source_topic", "_source_partition", "_source_offset"}
-APPEND_META = MERGE_META | {"_removed", "_change"}
+ROW_META = {"_id", "_key", "_seq", "_op", "_ts", "_source_topic", "_source_partition", "_source_offset"}
+MERGE_META = ROW_META | {"_deleted"}
+APPEND_META = ROW_META | {"_removed", "_change", "_set", "_replayed"}
 
 
 @pytest.fixture
@@ -51,10 +52,11 @@ def rows(uri: str, storage_options: dict[str, str] | None = None) -> list[dict[s
 
 
 def state(uri: str, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """The merge table as {_id: {field: value}}, without metadata columns or nulls."""
+    """The merge table as {_id: {field: value}}, without metadata columns, nulls or tombstones."""
     return {
         r["_id"]: {k: v for k, v in r.items() if k not in MERGE_META and v is not None}
         for r in rows(uri, storage_options)
+        if not r["_deleted"]
     }
 
 

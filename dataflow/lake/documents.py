@@ -23,9 +23,10 @@ from dataflow.lake.columns import Column, Layout
 from dataflow.model import BsonTimestamp, ObjectId, Uuid
 
 ID = "_id"
+_FILTERED = ("_key", "_seq", "_deleted", "_source_topic", "_source_partition", "_source_offset")
 
 
-def _values(col: pa.ChunkedArray, column: Column) -> list[Any]:
+def column_values(col: pa.ChunkedArray, column: Column) -> list[Any]:
     kind = column.kind
     if kind == "timestamp":  # through the microseconds: a date past year 9999 is no datetime
         return [
@@ -77,7 +78,14 @@ def read_documents(
             return {}
         match = pc.field(by).isin(ids)
         flt = match if flt is None else (flt & match)
-    table = dt.to_pyarrow_dataset().to_table(columns=names, filter=flt)
+    # Filtered after the read: with a filter, pyarrow compares delta-rs' file statistics
+    # (string_view) with the filter's strings, and refuses.
+    ds = dt.to_pyarrow_dataset()
+    if flt is None:
+        table = ds.to_table(columns=names)
+    else:  # with the pipeline columns a filter may name
+        extra = [n for n in _FILTERED if n in ds.schema.names and n not in names]
+        table = ds.to_table(columns=names + extra).filter(flt)
     docs: dict[str, dict[str, Any]] = {i: {} for i in table.column(by).to_pylist()}
     order = list(docs)
     rows = table.column(by).to_pylist()
@@ -85,16 +93,24 @@ def read_documents(
         for i, v in zip(rows, table.column(name).to_pylist(), strict=True):
             docs[i][name] = v
     for name, c in columns:
-        for i, v in zip(rows, _values(table.column(c.name), c), strict=True):
+        for i, v in zip(rows, column_values(table.column(c.name), c), strict=True):
             if v is not None and docs[i].get(name) is None:
                 docs[i][name] = v
     return {i: docs[i] for i in order}
 
 
 def table_documents(uri: str, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Every document of the mirror table at `uri`, by `_id` text ({} when there is no table)."""
+    """Every live document of the mirror table at `uri`, by `_id` text ({} when there is no table)."""
     try:
         dt = DeltaTable(uri, storage_options=storage_options)
     except TableNotFoundError:
         return {}
-    return read_documents(dt, Layout.from_schema(pa.schema(dt.schema().to_arrow()), {}))
+    schema = pa.schema(dt.schema().to_arrow())
+    return read_documents(dt, Layout.from_schema(schema, {}), where=live(schema))
+
+
+def live(schema: pa.Schema) -> pc.Expression | None:
+    """The filter that leaves a mirror's tombstones out (None for a table without them)."""
+    if "_deleted" not in schema.names:
+        return None
+    return pc.invert(pc.coalesce(pc.field("_deleted"), pc.scalar(False)))

@@ -1,8 +1,10 @@
-"""Where each collection's tables live in the lake, and which tables a table mode writes.
+"""Where each collection's tables live in the lake.
 
-`<lake>/<db>/<collection>` holds the table a mode writes; in `both` mode the
-changelog of that table is `<lake>/_changelog/<db>/<collection>`. Names are
-written into paths by `path_part`, which any legal MongoDB name survives.
+append mode: the changelog at `<lake>/<db>/<collection>`. merge mode: the
+changelog at `<lake>/_changelog/<db>/<collection>` (what the sink commits) and
+the mirror at `<lake>/<db>/<collection>` (what the materializer keeps up to
+date). `both`, an older name of merge mode, is the same. Names are written
+into paths by `path_part`, which any legal MongoDB name survives.
 """
 
 from __future__ import annotations
@@ -65,13 +67,14 @@ class TableLocations:
     table_mode: TableMode = "merge"
 
     @property
-    def modes(self) -> tuple[Literal["merge", "append"], ...]:
-        """The writer modes each batch is committed in, the primary one first."""
-        return ("merge", "append") if self.table_mode == "both" else (self.table_mode,)
+    def merge(self) -> bool:
+        """Whether the lake keeps mirrors beside the changelogs."""
+        return self.table_mode != "append"
 
     def uri(self, db: str, collection: str, mode: str) -> str:
+        """The changelog (`mode="append"`) or the mirror (`"merge"`) of a collection."""
         base = self.lake_uri.rstrip("/")
         path = f"{path_part(db)}/{path_part(collection)}"
-        if self.table_mode == "both" and mode == "append":
+        if self.merge and mode == "append":
             return f"{base}/{CHANGELOG_DIR}/{path}"
         return f"{base}/{path}"

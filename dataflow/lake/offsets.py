@@ -1,9 +1,11 @@
 """The Kafka offsets recorded in the lake's Delta tables: where to resume without recovery state.
 
-Every commit carries `txn(app_id=<pipeline>:<topic>:<partition>, version=<offset>)`.
-A topic can feed more than one table (`both` mode writes a table and a
-changelog), and a crash can fall between their commits, so a partition resumes
-from the lowest offset among the tables that topic feeds.
+Every changelog commit carries `txn(app_id=<pipeline>:<topic>:<partition>, version=<offset>)`.
+Only changelogs count: in merge mode the mirrors record how far into their
+changelog they are, not Kafka offsets (mirrors written before the changelog
+came first recorded offsets, which are ignored: their changelog starts over).
+A topic can feed more than one table, so a partition resumes from the lowest
+offset among the changelogs that topic feeds.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def _list_s3(lake_uri: str, storage_options: dict[str, str]) -> list[str]:
     )
 
 
+def lake_collections(lake_uri: str, storage_options: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(db, collection) of every merge-mode changelog in the lake."""
+    base = lake_uri.rstrip("/")
+    out = []
+    for uri in changelogs(lake_uri, storage_options, merge=True):
+        _, db, coll = uri[len(base) :].strip("/").split("/")
+        out.append((name_of(db), name_of(coll)))
+    return out
+
+
 def collections_in(lake_uri: str, db: str, storage_options: dict[str, str] | None = None) -> list[str]:
     """The collections of database `db` that have a table in the lake (for a dropDatabase)."""
     base = lake_uri.rstrip("/")
@@ -64,12 +76,14 @@ def collections_in(lake_uri: str, db: str, storage_options: dict[str, str] | Non
     return out
 
 
-def twin_of(uri: str, lake_uri: str) -> str:
-    """In `both` mode, the changelog of a table and the table of a changelog."""
-    base = lake_uri.rstrip("/")
-    rel = uri[len(base) :].lstrip("/")
-    head, _, rest = rel.partition("/")
-    return f"{base}/{rest}" if head == CHANGELOG_DIR else f"{base}/{CHANGELOG_DIR}/{rel}"
+def is_changelog(uri: str, lake_uri: str) -> bool:
+    """Whether a table of the lake is under `_changelog/` (a merge-mode changelog)."""
+    return uri[len(lake_uri.rstrip("/")) :].lstrip("/").partition("/")[0] == CHANGELOG_DIR
+
+
+def changelogs(lake_uri: str, storage_options: dict[str, str] | None = None, *, merge: bool) -> list[str]:
+    """The changelog tables of the lake: under `_changelog/` in merge mode, the tables in append mode."""
+    return [t for t in list_tables(lake_uri, storage_options) if is_changelog(t, lake_uri) == merge]
 
 
 def committed_offsets(
@@ -78,15 +92,9 @@ def committed_offsets(
     partitions: dict[str, int],
     storage_options: dict[str, str] | None = None,
     *,
-    paired: bool = False,
+    merge: bool = False,
 ) -> dict[tuple[str, int], int]:
-    """The offset each (topic, partition) may resume from, for those every table it feeds has recorded.
-
-    With `paired` (`both` mode), a table and its changelog are written in two
-    commits: when one recorded a topic, the other must have too, and a twin
-    that is missing or recorded nothing means "resume from the start", never
-    from the other's offset (that would skip the batch the crash cut in two).
-    """
+    """The offset each (topic, partition) may resume from, for those every changelog it feeds has recorded."""
     tables: dict[str, DeltaTable | None] = {}
 
     def opened(uri: str) -> DeltaTable | None:
@@ -108,16 +116,11 @@ def committed_offsets(
             for p in range(partitions[topic])
         }
 
-    found = list_tables(lake_uri, storage_options)
+    found = changelogs(lake_uri, storage_options, merge=merge)
     out: dict[tuple[str, int], int] = {}
     for topic, count in partitions.items():
         per_table = {uri: versions(uri, topic) for uri in found}
         feeding = {uri: v for uri, v in per_table.items() if any(x is not None for x in v.values())}
-        if paired:
-            for uri in list(feeding):
-                twin = twin_of(uri, lake_uri)
-                if twin not in feeding:
-                    feeding[twin] = per_table[twin] if twin in per_table else versions(twin, topic)
         for p in range(count):
             recorded = [v[p] for v in feeding.values()]
             if recorded and all(x is not None for x in recorded):

@@ -28,6 +28,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from dataflow.decode.updates import Update
 from dataflow.lake.columns import (
+    ACCEPTS,
     Column,
     FirstKind,
     Layout,
@@ -48,7 +49,7 @@ _SOURCE_META = (
     Column("_source_partition", "int64", "meta"),
     Column("_source_offset", "int64", "meta"),
 )
-_MERGE_META = (
+_ROW_META = (
     Column("_id", "string", "meta"),  # readable; distinct _ids can share a text (42 and "42")
     Column("_key", "string", "meta"),  # which document, by MongoDB's equality: the MERGE key
     Column("_seq", "int64", "meta"),
@@ -56,11 +57,20 @@ _MERGE_META = (
     Column("_ts", "timestamp", "meta"),
     *_SOURCE_META,  # where the row's last change came from: offsets order one partition's changes
 )
+_MERGE_META = (
+    *_ROW_META,
+    # A tombstone: the document is deleted, its key and sequence stay so that an older change
+    # (a replay, another partition) cannot bring it back. Null in rows from before tombstones.
+    Column("_deleted", "bool", "meta"),
+)
 _APPEND_META = (
-    *_MERGE_META,
+    *_ROW_META,
     Column("_removed", "other", "meta", arrow_type=pa.list_(pa.string())),
     # JSON text: an update reaching inside fields (`Update.to_json`), or a rename's target
     Column("_change", "json", "meta"),
+    # A top-level partial update's fields set: a field set to null reads like one not set
+    Column("_set", "other", "meta", arrow_type=pa.list_(pa.string())),
+    Column("_replayed", "bool", "meta"),  # a dead letter sent again: its offset says nothing of its age
 )
 _NO_FIELDS: dict[str, Any] = {}
 _MODE_KEY = "cdc.mode"  # table property recording the writer mode
@@ -113,11 +123,18 @@ class _Prepared:
     schema: pa.Schema  # the table's schema (source may carry extra MERGE control columns)
     new_columns: tuple[str, ...]
     merge: dict[str, Any] | None = None  # clause expressions, merge mode only
+    marks: dict[str, int] = field(default_factory=dict)  # txn actions beside the offsets: app id -> version
+    append_only: bool = False  # merge mode: no row's key is in the table, so the rows are appended
 
 
 def _q(name: str) -> str:
     """Quote a column name for a delta-rs SQL expression."""
     return "`" + name.replace("`", "``") + "`"
+
+
+def _sql_text(text: str) -> str:
+    """A string literal for a delta-rs SQL expression."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _patch_values(e: ChangeEvent) -> dict[str, Any]:
@@ -171,13 +188,35 @@ def _order(e: ChangeEvent) -> tuple[int, int, int]:
     return (-1 if e.seq is None else e.seq, e.offset, e.partition)
 
 
+def _in_order(evs: list[ChangeEvent]) -> list[ChangeEvent]:
+    """One document's changes in the order they happened.
+
+    Kafka's order is the source's within a partition, so each partition's own
+    changes keep their offset order whatever their sequences say. Sequences
+    only interleave partitions and place replayed dead letters (whose offsets
+    say nothing of their age): sorted by sequence, each partition's changes are
+    then put back into the places its changes took, in offset order.
+    """
+    if len({(e.topic, e.partition) for e in evs}) == 1 and not any(e.replayed for e in evs):
+        return sorted(evs, key=lambda e: e.offset)
+    out = sorted(evs, key=_order)
+    places: dict[Source, list[int]] = {}
+    for i, e in enumerate(out):
+        if not e.replayed:
+            places.setdefault((e.topic, e.partition), []).append(i)
+    for idx in places.values():
+        if len(idx) > 1:
+            for i, e in zip(idx, sorted((out[i] for i in idx), key=lambda e: e.offset), strict=True):
+                out[i] = e
+    return out
+
+
 def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[_Row]:
     """One row per `_id` with the net effect of its events, as delta-rs MERGE needs.
 
-    Order per id: by offset when all its events come from one partition (Kafka
-    order is the truth), else, or when one of them is a replayed dead letter,
-    by (seq, offset, partition). The row carries the
-    sequence and source of the last change in that order. A partial update
+    Order per id: `_in_order` (offsets within a partition, sequences between
+    partitions and for replayed dead letters). The row carries the sequence
+    and source of the last change in that order. A partial update
     folds into an earlier full doc, combines with earlier partial updates, and
     after a delete becomes a doc made of just its fields. An update that
     reaches inside a field applies to the field's value as the batch left it,
@@ -195,10 +234,7 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
         if len(evs) == 1:
             rows.append(_row(evs[0], stored))
             continue
-        if len({(e.topic, e.partition) for e in evs}) == 1 and not any(e.replayed for e in evs):
-            evs.sort(key=lambda e: e.offset)
-        else:
-            evs.sort(key=_order)
+        evs = _in_order(evs)
         row = _row(evs[0], stored)
         if row.values is not None:
             row.values = dict(row.values)
@@ -221,11 +257,16 @@ def collapse(events: Iterable[ChangeEvent], stored: Stored = _no_store) -> list[
     return rows
 
 
-def _first_kinds(events: list[ChangeEvent], values: dict[str, list[Any]]) -> FirstKind:
+def _first_kinds(
+    events: list[ChangeEvent], values: dict[str, list[Any]], decided: Layout | None = None
+) -> FirstKind:
     """A new field's first non-null value kind in change order (merge rows are collapsed, so the
-    events are searched first: what a field held before a later change in the batch counts)."""
+    events are searched first: what a field held before a later change in the batch counts).
+    A field `decided` has a column for (a mirror's changelog) takes that column's kind."""
 
     def first(field: str) -> str:
+        if decided is not None and (c := decided.value.get(field)) is not None and c.kind in ACCEPTS:
+            return c.kind
         for e in events:
             for vals in (e.doc, e.updated):
                 if vals is not None:
@@ -254,6 +295,7 @@ def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
 
 
 _SOURCES = ("_source_topic", "_source_partition", "_source_offset")
+_PATCH_META = ("_seq", "_op", "_ts", "_deleted", *_SOURCES)  # what a patch sets beside its fields
 _SAME_SOURCE = "t.`_source_topic` = s.`_source_topic` AND t.`_source_partition` = s.`_source_partition`"
 # Whether a change may overwrite the stored row. From the row's own partition, a later offset
 # always may (Kafka's order is the source's; a crash's re-reads are filtered by the txn versions
@@ -299,7 +341,8 @@ class DeltaTableWriter:
         self._writer_properties = writer_properties
         self._meta = {c.name: c for c in (_MERGE_META if mode == "merge" else _APPEND_META)}
         self._dt: DeltaTable | None = None
-        self._table_of = table_of  # the merge-mode writer of another collection: a rename's target
+        self._table_of = table_of  # a rename's target: its changelog's writer, or its mirror's
+        self.last_merge: dict[str, Any] = {}  # delta-rs' metrics of the last MERGE
 
     def app_id(self, topic: str, partition: int) -> str:
         """The Delta txn app id under which a source partition's offsets are recorded."""
@@ -362,7 +405,37 @@ class DeltaTableWriter:
             return prepared
         return self._commit(prepared)
 
-    def _write_with_ddl(self, events: list[ChangeEvent]) -> WriteResult:
+    def apply(
+        self, events: list[ChangeEvent], mark: tuple[str, int], kinds: Layout | None = None
+    ) -> WriteResult:
+        """Apply changes read back from a changelog to this mirror, recording `mark` (app id, version).
+
+        The mirror records no Kafka offsets (the changelog does); `mark` says
+        how far into the changelog it is, in the same commit. A mark already
+        at or past `mark[1]` means the changes are applied: nothing is written.
+        `kinds`, the changelog's layout, gives new columns the changelog's kind.
+        """
+        if self.mode != "merge":
+            raise ValueError("apply() is for merge-mode tables")
+        if any(e.op in DDL_OPS for e in events):
+            return self._write_with_ddl(events, mark=mark, kinds=kinds)
+        prepared = self._prepare(events, record=False, mark=mark, kinds=kinds)
+        if not isinstance(prepared, WriteResult):
+            return self._commit(prepared)
+        if not self._marked(self._dt, mark) and self._dt is not None:
+            # nothing to write (no rows in the versions, or all recorded by an older mirror)
+            self._record_only({}, {mark[0]: mark[1]})
+            return dataclasses.replace(prepared, committed=True, version=self.version)
+        return prepared
+
+    def applied(self, app_id: str) -> int | None:
+        """The version recorded under `app_id` (a mirror's mark), None when none is."""
+        dt = self._refresh()
+        return None if dt is None else dt.transaction_version(app_id)
+
+    def _write_with_ddl(
+        self, events: list[ChangeEvent], *, mark: tuple[str, int] | None = None, kinds: Layout | None = None
+    ) -> WriteResult:
         """A merge-mode batch holding drops or renames: the events before each, the change, the rest.
 
         Only the last commit records the batch's offsets. A crash before it
@@ -371,6 +444,8 @@ class DeltaTableWriter:
         than it again, a rename's copy is guarded like any upsert).
         """
         dt = self._refresh()
+        if mark is not None and self._marked(dt, mark):
+            return WriteResult(len(events), len(events), 0, None if dt is None else dt.version())
         sources = {(e.topic, e.partition) for e in events}
         done = self._recorded(dt, sources)
         fresh = [e for e in events if e.offset > done.get((e.topic, e.partition), -1)]
@@ -384,23 +459,24 @@ class DeltaTableWriter:
         written = 0
         for seg, ddl in zip(segments, ddls, strict=False):
             if seg:
-                prepared = self._prepare(seg, record=False)
+                prepared = self._prepare(seg, record=False, kinds=kinds)
                 if not isinstance(prepared, WriteResult):
                     self._commit(prepared, record=False)
                     written += prepared.rows
             self._apply_ddl(ddl)
         offsets: dict[Source, int] = {}
-        for e in fresh:
-            if e.offset > offsets.get((e.topic, e.partition), -1):
-                offsets[(e.topic, e.partition)] = e.offset
-        last = self._prepare(segments[-1], record=False) if segments[-1] else None
+        if mark is None:  # a mirror fed from a changelog records its mark, not the changelog's offsets
+            for e in fresh:
+                if e.offset > offsets.get((e.topic, e.partition), -1):
+                    offsets[(e.topic, e.partition)] = e.offset
+        marks = {} if mark is None else {mark[0]: mark[1]}
+        last = self._prepare(segments[-1], record=False, kinds=kinds) if segments[-1] else None
         if isinstance(last, _Prepared):
             last.offsets, last.events, last.skipped = offsets, len(events), len(events) - len(fresh)
+            last.marks = marks
             result = self._commit(last)
             return dataclasses.replace(result, rows_written=result.rows_written + written)
-        dt = self._refresh()
-        assert dt is not None or not offsets
-        self._record_only(offsets)
+        self._record_only(offsets, marks)
         return WriteResult(
             len(events), len(events) - len(fresh), written, self.version, committed=True, offsets=offsets
         )
@@ -409,9 +485,7 @@ class DeltaTableWriter:
         """The rows a drop or rename at `ddl` takes, those last changed before it (SQL, and Arrow)."""
         topic, partition, offset = ddl.topic, ddl.partition, ddl.offset
         same = (pc.field("_source_topic") == topic) & (pc.field("_source_partition") == partition)
-        same_sql = (
-            f"`_source_topic` = '{topic.replace(chr(39), chr(39) * 2)}' AND `_source_partition` = {partition}"
-        )
+        same_sql = f"`_source_topic` = {_sql_text(topic)} AND `_source_partition` = {partition}"
         if ddl.seq is None:
             older, older_sql = pc.scalar(True), "true"
         else:
@@ -443,8 +517,11 @@ class DeltaTableWriter:
                 raise RuntimeError(
                     f"a rename of {self.uri} needs its target and the writer of the target's table"
                 )
-            docs = read_documents(dt, layout, where=where, meta=("_seq", "_ts", "_id"), by="_key")
+            live = pc.invert(pc.coalesce(pc.field("_deleted"), pc.scalar(False)))
+            docs = read_documents(dt, layout, where=where & live, meta=("_seq", "_ts", "_id"), by="_key")
             target = self._table_of(*ddl.target)
+            # One source "partition" per rename event, so that the target's changelog records each
+            # rename's copy once under its own txn app id.
             moved = [
                 ChangeEvent(
                     db=ddl.target[0],
@@ -455,19 +532,31 @@ class DeltaTableWriter:
                     doc={f: v for f, v in d.items() if f not in ("_seq", "_ts", "_id")},
                     ts_ms=ddl.ts_ms,
                     ord=0,
-                    topic=f"rename:{self.uri}",
-                    partition=0,
+                    topic=f"rename:{self.uri}:{ddl.topic}:{ddl.partition}",
+                    partition=ddl.offset,
                     offset=n,
                     size=0,
                     seq=d["_seq"],
                 )
                 for n, (k, d) in enumerate(docs.items())
             ]
-            if moved:
+            if moved and target.mode == "append":  # the target's changelog: its mirror follows
+                target.write(moved)
+            elif moved:
                 prepared = target._prepare(moved, record=False)
                 if not isinstance(prepared, WriteResult):
                     target._commit(prepared, record=False)
-        dt.delete(predicate, writer_properties=self._writer_properties)
+        # Every row the change takes becomes a tombstone stamped with it: an older change that
+        # arrives late (a replay, another partition) cannot bring a document back.
+        tomb = {_q(c.name): "NULL" for c in layout.columns if c.role != "meta"}
+        tomb["`_deleted`"] = "true"
+        tomb["`_op`"] = _sql_text(ddl.op)
+        tomb["`_source_topic`"] = _sql_text(ddl.topic)
+        tomb["`_source_partition`"] = str(ddl.partition)
+        tomb["`_source_offset`"] = str(ddl.offset)
+        if ddl.seq is not None:
+            tomb["`_seq`"] = str(ddl.seq)
+        dt.update(updates=tomb, predicate=predicate, writer_properties=self._writer_properties)
 
     def _check_keys(self, dt: DeltaTable | None, missing: list[Column]) -> None:
         """A mirror with rows but no `_key` column cannot be merged into: its `_id` text is ambiguous.
@@ -486,18 +575,32 @@ class DeltaTableWriter:
                 "CDC_LAKE_URI at a new location and reading the topics from the start, or delete the table"
             )
 
-    def _record_only(self, offsets: dict[Source, int]) -> None:
+    def _marked(self, dt: DeltaTable | None, mark: tuple[str, int]) -> bool:
+        v = None if dt is None else dt.transaction_version(mark[0])
+        return v is not None and v >= mark[1]
+
+    def _txns(self, offsets: dict[Source, int], marks: dict[str, int]) -> list[Transaction]:
+        return [Transaction(self.app_id(*src), off) for src, off in offsets.items()] + [
+            Transaction(app, v) for app, v in marks.items()
+        ]
+
+    def _record_only(self, offsets: dict[Source, int], marks: dict[str, int] | None = None) -> None:
         """A commit with no rows: the txn actions alone (a batch whose changes are all applied)."""
         dt = self._refresh()
-        if dt is None or not offsets:
+        if dt is None or not (offsets or marks):
             return
-        cp = CommitProperties(
-            app_transactions=[Transaction(self.app_id(*src), off) for src, off in offsets.items()]
-        )
+        cp = CommitProperties(app_transactions=self._txns(offsets, marks or {}))
         schema = pa.schema(dt.schema().to_arrow())
         write_deltalake(dt, schema.empty_table(), mode="append", commit_properties=cp)
 
-    def _prepare(self, events: list[ChangeEvent], *, record: bool = True) -> _Prepared | WriteResult:
+    def _prepare(
+        self,
+        events: list[ChangeEvent],
+        *,
+        record: bool = True,
+        mark: tuple[str, int] | None = None,
+        kinds: Layout | None = None,
+    ) -> _Prepared | WriteResult:
         """Refresh, drop what is committed, collapse, evolve the schema, build the Arrow source.
 
         The txn check must be made on the very table version the data commit
@@ -515,6 +618,8 @@ class DeltaTableWriter:
                 # Waiting will not bring back a table this writer has just created: the path it
                 # writes and the path delta-rs opens differ. A bug, never an outage.
                 raise RuntimeError(f"created the Delta table at {self.uri}, and then found none there")
+            if mark is not None and self._marked(dt, mark):
+                return WriteResult(len(events), len(events), 0, None if dt is None else dt.version())
             done = self._recorded(dt, sources)
             fresh: list[ChangeEvent] = []
             offsets: dict[Source, int] = {}
@@ -540,11 +645,11 @@ class DeltaTableWriter:
                 rows = fresh
                 docs = [e.doc if e.doc is not None else (e.updated or _NO_FIELDS) for e in fresh]
             n = len(rows)
-            values, kinds = field_columns(docs)
+            values, field_kinds = field_columns(docs)
 
             missing = layout.missing(self._meta.values())
             self._check_keys(dt, missing)
-            new = layout.plan(kinds, _first_kinds(fresh, values)) + missing
+            new = layout.plan(field_kinds, _first_kinds(fresh, values, kinds)) + missing
             if new or dt is None:
                 try:
                     self._add_columns(dt, layout, new)
@@ -556,7 +661,7 @@ class DeltaTableWriter:
                         raise
                 continue
 
-            arrays = build_arrays(layout, values, kinds)
+            arrays = build_arrays(layout, values, field_kinds)
             arrays.update(self._meta_arrays(rows))
             columns = [arrays[c.name] if c.name in arrays else pa.nulls(n, c.type) for c in layout.columns]
             schema = layout.schema()
@@ -568,13 +673,29 @@ class DeltaTableWriter:
                 source=pa.Table.from_arrays(columns, schema=schema),
                 schema=schema,
                 new_columns=added,
+                marks={} if mark is None else {mark[0]: mark[1]},
             )
             if self.mode == "merge":
-                self._merge_source(prepared, layout, rows)
+                prepared.append_only = self._all_new(dt, rows)
+                if not prepared.append_only:
+                    self._merge_source(prepared, layout, rows)
             return prepared
         raise Unavailable(
             f"the schema of {self.uri} kept changing under a rival writer; the batch is retried"
         )
+
+    def _all_new(self, dt: DeltaTable | None, rows: list[_Row]) -> bool:
+        """Whether no row's key is in the table, so appending equals merging (an initial snapshot).
+
+        Checked only when the table is empty or every row is an insert: keys are
+        looked up in one read of the `_key` column, cheap beside a MERGE.
+        """
+        if dt is None or not dt.file_uris():
+            return True
+        if any(r.op != "insert" for r in rows):
+            return False
+        stored = dt.to_pyarrow_dataset().to_table(columns=["_key"]).column("_key")
+        return not pc.any(pc.is_in(stored, pa.array([r.key for r in rows], pa.string()))).as_py()
 
     def _stored(self, dt: DeltaTable | None, layout: Layout, events: list[ChangeEvent]) -> Stored:
         """The stored fields that this batch's updates inside fields start from, read in one scan."""
@@ -616,11 +737,19 @@ class DeltaTableWriter:
             "_source_offset": pa.array([r.offset for r in rows], pa.int64()),
         }
         if self.mode == "append":
+            top = [e.is_partial and e.change is None for e in rows]
             out["_removed"] = pa.array(
-                [list(e.removed) if e.is_partial and e.change is None else None for e in rows],
+                [list(e.removed) if t else None for e, t in zip(rows, top, strict=True)],
                 pa.list_(pa.string()),
             )
             out["_change"] = json_array([_change_of(e) for e in rows])
+            out["_set"] = pa.array(
+                [list(e.updated or ()) if t else None for e, t in zip(rows, top, strict=True)],
+                pa.list_(pa.string()),
+            )
+            out["_replayed"] = pa.array([e.replayed for e in rows], pa.bool_())
+        else:
+            out["_deleted"] = pa.array([r.action == "delete" for r in rows], pa.bool_())
         return out
 
     def _merge_source(self, prepared: _Prepared, layout: Layout, rows: list[_Row]) -> None:
@@ -656,13 +785,13 @@ class DeltaTableWriter:
         guard = _GUARD.format(replayed=_q(replay))
         prepared.source = src
         prepared.merge = {
-            "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_key"} if "upsert" in actions else None,
+            # a delete writes its tombstone over the row: every field null, `_deleted` set
+            "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_key"} if actions - {"patch"} else None,
             "patch": (
-                {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_id", "_seq", "_op", "_ts", *_SOURCES)}}
+                {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_id", *_PATCH_META)}}
                 if "patch" in actions
                 else None
             ),
-            "delete": "delete" in actions,
             "insert": {_q(c): f"s.{_q(c)}" for c in cols},
             "guard": guard,
             "action": _q(action),
@@ -676,9 +805,7 @@ class DeltaTableWriter:
         """
         dt = self._dt
         assert dt is not None
-        cp = CommitProperties(
-            app_transactions=[Transaction(self.app_id(*src), off) for src, off in prepared.offsets.items()]
-        )
+        cp = CommitProperties(app_transactions=self._txns(prepared.offsets, prepared.marks))
         try:
             if prepared.merge is None:
                 write_deltalake(
@@ -690,13 +817,13 @@ class DeltaTableWriter:
                 )
             else:
                 before = dt.version()
-                self._execute_merge(dt, prepared, cp)
-                if dt.version() == before and prepared.offsets:
+                self.last_merge = self._execute_merge(dt, prepared, cp)
+                if dt.version() == before and (prepared.offsets or prepared.marks):
                     # delta-rs makes no commit for a MERGE that changes nothing (all events
                     # stale): record the offsets with an empty append instead.
                     write_deltalake(dt, prepared.schema.empty_table(), mode="append", commit_properties=cp)
         except Exception:
-            if not record or not self._landed(prepared.offsets):
+            if not record or not self._landed(prepared.offsets, prepared.marks):
                 raise
             resolved = True
         else:
@@ -712,7 +839,7 @@ class DeltaTableWriter:
             new_columns=prepared.new_columns,
         )
 
-    def _execute_merge(self, dt: DeltaTable, prepared: _Prepared, cp: CommitProperties) -> None:
+    def _execute_merge(self, dt: DeltaTable, prepared: _Prepared, cp: CommitProperties) -> dict[str, Any]:
         m = prepared.merge
         assert m is not None
         act, guard = m["action"], m["guard"]
@@ -726,23 +853,40 @@ class DeltaTableWriter:
             writer_properties=self._writer_properties,
         )
         if m["upsert"] is not None:
-            merger = merger.when_matched_update(m["upsert"], predicate=f"s.{act} = 'upsert' AND {guard}")
+            merger = merger.when_matched_update(m["upsert"], predicate=f"s.{act} <> 'patch' AND {guard}")
         if m["patch"] is not None:
             merger = merger.when_matched_update(m["patch"], predicate=f"s.{act} = 'patch' AND {guard}")
-        if m["delete"]:
-            merger = merger.when_matched_delete(predicate=f"s.{act} = 'delete' AND {guard}")
-        merger = merger.when_not_matched_insert(m["insert"], predicate=f"s.{act} <> 'delete'")
-        merger.execute()
+        merger = merger.when_not_matched_insert(m["insert"])  # a delete of an unseen _id: its tombstone
+        return merger.execute()
 
-    def _landed(self, offsets: dict[Source, int]) -> bool:
+    def _landed(self, offsets: dict[Source, int], marks: dict[str, int] | None = None) -> bool:
         """After a failed commit: do the recorded txn versions cover this batch?"""
+        if not offsets and not marks:
+            return False
         try:
-            recorded = self._recorded(self._refresh(), offsets)
+            dt = self._refresh()
+            recorded = self._recorded(dt, offsets)
+            got = {app: dt.transaction_version(app) for app in marks or {}} if dt is not None else {}
         except Exception:
             return False
-        return all(recorded.get(src, -1) >= off for src, off in offsets.items())
+        return all(recorded.get(src, -1) >= off for src, off in offsets.items()) and all(
+            (got.get(app) or -1) >= v for app, v in (marks or {}).items()
+        )
 
     # ------------------------------------------------------------ maintenance
+
+    def purge_tombstones(self, before_ms: int) -> int:
+        """Delete tombstones whose change is older than `before_ms`; how many went.
+
+        Past the retention a tombstone no longer guards against anything expected
+        (a replay or a lagging partition that late is not), and it costs space.
+        """
+        dt = self._refresh()
+        if dt is None or "_deleted" not in pa.schema(dt.schema().to_arrow()).names:
+            return 0
+        ts = f"arrow_cast({int(before_ms) * 1000}, 'Timestamp(Microsecond, Some(\"UTC\"))')"
+        out = dt.delete(f"`_deleted` AND `_ts` < {ts}", writer_properties=self._writer_properties)
+        return int(out.get("num_deleted_rows", 0) or 0)
 
     def compact(self) -> dict[str, Any]:
         """Rewrite small files into larger ones; run between batches, never beside a MERGE writer."""

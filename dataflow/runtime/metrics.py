@@ -54,6 +54,32 @@ END_TO_END_LAG = Histogram(
     buckets=_SECONDS_BUCKETS,
 )
 
+# Mirrors (merge mode): brought up to date from the changelog in rounds
+MIRROR_LAG_CHANGES = Gauge(
+    "cdc_mirror_lag_changes", "Changes committed to a table's changelog and not yet in its mirror", ["table"]
+)
+MIRROR_LAG_SECONDS = Gauge(
+    "cdc_mirror_lag_seconds", "Age of the oldest change not yet in the mirror (0: caught up)", ["table"]
+)
+MIRROR_ROUND_SECONDS = Histogram(
+    "cdc_mirror_round_duration_seconds",
+    "Time of one materializer round (read, collapse, MERGE or append)",
+    ["table"],
+    buckets=_SECONDS_BUCKETS,
+)
+MIRROR_ROUND_CHANGES = Histogram(
+    "cdc_mirror_round_changes",
+    "Changelog rows applied by one round",
+    ["table"],
+    buckets=_SIZE_BUCKETS + (250_000, 1_000_000),
+)
+MIRROR_ROWS_REWRITTEN = Counter(
+    "cdc_mirror_rows_rewritten_total", "Rows the mirror's rounds wrote (changed and copied)", ["table"]
+)
+MIRROR_TOMBSTONES_PURGED = Counter(
+    "cdc_mirror_tombstones_purged_total", "Tombstones deleted after the retention", ["table"]
+)
+
 # Checkpoints: the offsets recorded in Delta txn actions
 CHECKPOINTS_COMMITTED = Counter(
     "cdc_checkpoints_committed_total",

@@ -34,13 +34,14 @@ from dataflow.decode.envelopes import Decoder
 from dataflow.decode.formats import Format, TopicTables, regex_problem
 from dataflow.dlq.writer import DLQConfig
 from dataflow.lake.layout import TableLocations, TableMode
+from dataflow.lake.mirror import DEFAULT_ROUND_ROWS
 from dataflow.runtime.failures import ConfigError
 from dataflow.runtime.retry import RetryPolicy
 from dataflow.runtime.secrets import STORAGE_CA, SecretFileError, is_secret, resolve_files
 
 # Rows per batch unless CDC_BATCH_MAX_ROWS says otherwise. A MERGE rewrites every file its
 # updates touch, so merge mode gains from larger batches (bench/RESULTS.md, "Merge batch size").
-DEFAULT_BATCH_ROWS = {"append": 10_000, "merge": 25_000, "both": 25_000}
+DEFAULT_BATCH_ROWS = {"append": 10_000, "merge": 10_000, "both": 10_000}  # every batch is an append now
 
 StartFrom = Literal["delta", "beginning"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -153,6 +154,9 @@ class LakeSettings:
     tables: TableLocations
     storage_options: dict[str, str] = field(repr=False)
     pipeline_name: str = "cdc"
+    materializer: Literal["embedded", "off"] = "embedded"
+    mirror_round_rows: int = DEFAULT_ROUND_ROWS
+    tombstone_retention_hours: float = 168.0
 
 
 @dataclass(frozen=True)
@@ -255,11 +259,17 @@ class Settings(BaseModel):
     breaker_reset_seconds: Annotated[float, Field(ge=0.1, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_BREAKER_RESET_SECONDS", default=60.0
     )
-    # None: on for append tables only. A MERGE's working memory is large, and overlapping it
-    # cost far more memory than it gained speed (bench/RESULTS.md, "Background commits only
-    # for append"), so merge tables commit in step.
+    # None: on. The sink only appends (to the changelog, in both modes); MERGEs run in the
+    # materializer, whose working memory no longer overlaps the open batches'.
     background_commits: Annotated[bool | None, BeforeValidator(_flag), DEFAULT] = _var(
         "CDC_BACKGROUND_COMMITS", default=None, validate_default=True
+    )
+    # merge mode: where the mirrors are brought up to date ("embedded": by the workers,
+    # "off": by `cdc materialize`, run apart)
+    materializer: Literal["embedded", "off"] = _var("CDC_MATERIALIZER", default="embedded")
+    mirror_round_rows: Count = _var("CDC_MIRROR_ROUND_ROWS", default=DEFAULT_ROUND_ROWS)
+    tombstone_retention_hours: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
+        "CDC_TOMBSTONE_RETENTION_HOURS", default=168.0
     )
     log_level: Annotated[LogLevel, BeforeValidator(_upper), DEFAULT] = _var("CDC_LOG_LEVEL", default="INFO")
     log_format: Annotated[LogFormat, BeforeValidator(_lower), DEFAULT] = _var(
@@ -345,8 +355,8 @@ class Settings(BaseModel):
 
     @field_validator("background_commits")
     @classmethod
-    def _background_for_append(cls, background: bool | None, info: ValidationInfo) -> bool:
-        return background if background is not None else info.data.get("table_mode") == "append"
+    def _background_by_default(cls, background: bool | None, info: ValidationInfo) -> bool:
+        return background if background is not None else True
 
     @field_validator("kafka_config")
     @classmethod
@@ -415,6 +425,9 @@ class Settings(BaseModel):
             tables=TableLocations(self.lake_uri, self.table_mode),
             storage_options=dict(self.storage_options),
             pipeline_name=self.pipeline_name,
+            materializer=self.materializer,
+            mirror_round_rows=self.mirror_round_rows,
+            tombstone_retention_hours=self.tombstone_retention_hours,
         )
 
     @property

@@ -25,6 +25,11 @@ def request(reason: str = "requested") -> None:
     _requested.set()
 
 
+def requested() -> bool:
+    """Whether a graceful shutdown has begun (the end of input is then not the end of the data)."""
+    return _requested.is_set()
+
+
 def install(grace_seconds: float = 60.0) -> None:
     """Handle SIGTERM and SIGINT in this process (call from the main thread)."""
 

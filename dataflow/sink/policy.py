@@ -59,6 +59,7 @@ class CommitPolicy:
         retry: RetryPolicy,
         breaker: StorageBreaker,
         end_offsets: Callable[[], dict[tuple[str, int], int]] | None = None,
+        on_commit: Callable[[str, str], None] | None = None,
     ) -> None:
         self.tables = lake.tables
         self.dlq = dlq
@@ -71,19 +72,17 @@ class CommitPolicy:
         self.committed: dict[tuple[str, int], int] = {}
         self.end_offsets = end_offsets
         self.next_lag_check = 0.0
+        self.on_commit = on_commit  # (db, collection): a changelog grew (the materializer's cue)
 
-    def writer(self, ev: ChangeEvent, mode: str) -> DeltaTableWriter:
-        return self.writer_of(ev.db, ev.collection, mode)
-
-    def writer_of(self, db: str, collection: str, mode: str) -> DeltaTableWriter:
-        key = (f"{db}.{collection}", mode)
+    def writer(self, ev: ChangeEvent) -> DeltaTableWriter:
+        """The table's changelog: every batch is committed there, in either table mode."""
+        key = (ev.table, "append")
         if key not in self.writers:
             self.writers[key] = DeltaTableWriter(
-                self.tables.uri(db, collection, mode),
-                mode=mode,  # type: ignore[arg-type]
+                self.tables.uri(ev.db, ev.collection, "append"),
+                mode="append",
                 pipeline=self.pipeline,
                 storage_options=self.storage_options,
-                table_of=lambda d, c: self.writer_of(d, c, "merge"),  # a rename's target
             )
         return self.writers[key]
 
@@ -94,9 +93,10 @@ class CommitPolicy:
             return
         stats = self.stats[batch.table]
         stats.events += len(batch.events)
-        modes = self.tables.modes
-        for mode in modes:
-            self._commit(self.writer(batch.events[0], mode), batch.events, stats, mode, mode == modes[0])
+        first = batch.events[0]
+        self._commit(self.writer(first), batch.events, stats, "append", True)
+        if self.on_commit is not None:
+            self.on_commit(first.db, first.collection)
         self._export_lag()
 
     def close(self) -> None:

@@ -1,0 +1,180 @@
+"""A table's changelog read back as change events: what the materializer applies to the mirror.
+
+The changelog (`<lake>/_changelog/<db>/<collection>` in merge mode) is an
+append-only Delta table, one commit per batch, written exactly once by the
+sink. The rows a range of its versions added come from delta-rs' change data
+feed (`load_cdf`), which skips commits that only rearrange files. Each row
+becomes the `ChangeEvent` it was written from: its fields typed back by the
+column decisions (`dataflow.lake.documents`), a top-level partial update with
+the fields it set (`_set`, so a field set to null is not mistaken for one left
+alone) and removed, an update inside fields with its description (`_change`),
+a rename with its target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from dataflow.decode import extjson
+from dataflow.decode.updates import Update
+from dataflow.lake.columns import Layout
+from dataflow.lake.documents import column_values
+from dataflow.model import DDL_OPS, ChangeEvent
+
+_META = (
+    "_id",
+    "_key",
+    "_seq",
+    "_op",
+    "_ts",
+    "_source_topic",
+    "_source_partition",
+    "_source_offset",
+    "_removed",
+    "_change",
+    "_set",
+    "_replayed",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One changelog commit: how many rows it added, and when (ms since the epoch)."""
+
+    version: int
+    rows: int
+    timestamp_ms: int
+
+
+class Changelog:
+    """Reads one changelog table; refreshes incrementally."""
+
+    def __init__(
+        self, uri: str, db: str, collection: str, storage_options: dict[str, str] | None = None
+    ) -> None:
+        self.uri = uri
+        self.db = db
+        self.collection = collection
+        self._storage_options = storage_options
+        self._dt: DeltaTable | None = None
+
+    def table(self) -> DeltaTable | None:
+        """The latest version, None while there is no changelog."""
+        if self._dt is None:
+            try:
+                self._dt = DeltaTable(self.uri, storage_options=self._storage_options)
+            except TableNotFoundError:
+                return None
+        else:
+            self._dt.update_incremental()
+        return self._dt
+
+    def pending(self, after: int) -> list[Version]:
+        """The versions after `after`, oldest first, with the rows each added."""
+        dt = self.table()
+        if dt is None or dt.version() <= after:
+            return []
+        out = []
+        for h in dt.history(limit=dt.version() - after):
+            v = h.get("version")
+            if v is None or v <= after:
+                continue
+            rows = 0
+            if h.get("operation") == "WRITE":
+                rows = int((h.get("operationMetrics") or {}).get("num_added_rows") or 0)
+            out.append(Version(v, rows, int(h.get("timestamp") or 0)))
+        return sorted(out, key=lambda x: x.version)
+
+    def layout(self) -> Layout:
+        dt = self.table()
+        assert dt is not None
+        return Layout.from_schema(pa.schema(dt.schema().to_arrow()), {})
+
+    def events(self, first: int, last: int) -> list[ChangeEvent]:
+        """The changes committed in versions `first`..`last`, in commit order."""
+        dt = self.table()
+        assert dt is not None
+        layout = self.layout()
+        reader = dt.load_cdf(starting_version=first, ending_version=last)
+        table = _plain(pa.RecordBatchReader.from_stream(reader).read_all())
+        if table.num_rows == 0:
+            return []
+        table = table.take(pc.sort_indices(table, [("_commit_version", "ascending")]))
+        return self._events(table, layout)
+
+    def _events(self, table: pa.Table, layout: Layout) -> list[ChangeEvent]:
+        n = table.num_rows
+        names = set(table.column_names)
+        meta: dict[str, list[Any]] = {
+            m: table.column(m).to_pylist() if m in names else [None] * n for m in _META if m != "_ts"
+        }
+        ts = table.column("_ts").cast(pa.int64()).to_pylist()
+        docs: list[dict[str, Any]] = [{} for _ in range(n)]
+        for field, col in layout.value.items():
+            for c in (col, layout.fallback.get(field)):
+                if c is None or c.name not in names:
+                    continue
+                for i, v in enumerate(column_values(table.column(c.name), c)):
+                    if v is not None and field not in docs[i]:
+                        docs[i][field] = v
+        out = []
+        for i in range(n):
+            op = meta["_op"][i]
+            change = meta["_change"][i]
+            change = extjson.loads(change) if change is not None else None
+            doc: dict[str, Any] | None = None
+            updated: dict[str, Any] | None = None
+            removed: tuple[str, ...] = ()
+            nested = target = None
+            if op in DDL_OPS:
+                if op == "rename" and change is not None:
+                    target = (change["to"]["db"], change["to"]["coll"])
+            elif op == "delete":
+                pass
+            elif change is not None and "set" in change:
+                nested = Update.from_json(change)
+            elif meta["_removed"][i] is not None:  # a top-level partial update
+                fields = docs[i]
+                chosen = meta["_set"][i]
+                updated = fields if chosen is None else {f: fields.get(f) for f in chosen}
+                removed = tuple(meta["_removed"][i])
+            else:
+                doc = docs[i]
+            out.append(
+                ChangeEvent(
+                    db=self.db,
+                    collection=self.collection,
+                    id=meta["_id"][i] or "",
+                    key=meta["_key"][i] or "",
+                    op=op,
+                    doc=doc,
+                    ts_ms=ts[i] // 1000 if ts[i] is not None else 0,
+                    ord=0,
+                    topic=meta["_source_topic"][i],
+                    partition=meta["_source_partition"][i],
+                    offset=meta["_source_offset"][i],
+                    size=0,
+                    updated=updated,
+                    removed=removed,
+                    seq=meta["_seq"][i],
+                    change=nested,
+                    target=target,
+                    replayed=bool(meta["_replayed"][i]),
+                )
+            )
+        return out
+
+
+_PLAIN = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """The change feed's view types (string_view, binary_view) as the plain types the table has."""
+    schema = pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in table.schema])
+    return table if schema.equals(table.schema) else table.cast(schema)

@@ -1,0 +1,222 @@
+"""The thread that keeps a worker's mirrors up to date from their changelogs (merge mode).
+
+The sink commits each batch to the table's changelog and tells this thread
+which table grew; the thread runs rounds (`dataflow.lake.mirror`) for the
+tables it was told of, one round per table in turn, so one busy table cannot
+starve the others. delta-rs releases the GIL while it merges, so the worker
+goes on reading meanwhile. At start it also takes the tables of the lake whose
+name hashes to its worker: a mirror a crash left behind catches up even if its
+collection sees no new change.
+
+Storage outages are waited out under the commit retry policy and the breaker.
+Anything else stops the dataflow: the error is raised at the worker's next
+hand-off to the sink, and the changes stay in the changelog for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+
+from dataflow.lake.layout import TableLocations
+from dataflow.lake.mirror import Mirror, Round
+from dataflow.lake.writer import DeltaTableWriter
+from dataflow.runtime.failures import describe
+from dataflow.runtime.metrics import (
+    MIRROR_LAG_CHANGES,
+    MIRROR_LAG_SECONDS,
+    MIRROR_ROUND_CHANGES,
+    MIRROR_ROUND_SECONDS,
+    MIRROR_ROWS_REWRITTEN,
+    MIRROR_TOMBSTONES_PURGED,
+)
+from dataflow.runtime.retry import RetryPolicy, StorageBreaker
+
+log = logging.getLogger(__name__)
+Table = tuple[str, str]  # (db, collection)
+
+
+def owner(table: str, workers: int) -> int:
+    """The worker that catches a table's mirror up at start (a stable hash; Bytewax's is not exposed)."""
+    return zlib.crc32(table.encode("utf-8", "surrogatepass")) % max(1, workers)
+
+
+class Materializer:
+    """Rounds for the mirrors of the tables this worker commits, on a daemon thread of its own."""
+
+    def __init__(
+        self,
+        tables: TableLocations,
+        *,
+        pipeline: str,
+        storage_options: dict[str, str] | None,
+        retry: RetryPolicy,
+        breaker: StorageBreaker | None = None,
+        round_rows: int,
+        tombstone_retention_s: float,
+        startup: Callable[[], list[Table]] = list,
+        idle_seconds: float = 1.0,
+    ) -> None:
+        self.tables = tables
+        self.pipeline = pipeline
+        self.storage_options = storage_options
+        self.retry = retry
+        self.breaker = breaker
+        self.round_rows = round_rows
+        self.tombstone_retention_s = tombstone_retention_s
+        self.idle_seconds = idle_seconds
+        self._startup = startup
+        self._mirrors: dict[Table, Mirror] = {}
+        self._dirty: dict[Table, None] = {}  # ordered set: tables that may have changes to apply
+        self._purged: dict[Table, float] = {}
+        self._changelogs: dict[Table, DeltaTableWriter] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self.rounds: list[Round] = []  # the last few, for logs and tests
+
+    # ---------------------------------------------------------------- the sink's side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="materializer", daemon=True)
+        self._thread.start()
+
+    def notify(self, db: str, collection: str) -> None:
+        """A batch of this table landed in its changelog."""
+        with self._cond:
+            self._dirty[(db, collection)] = None
+            self._cond.notify()
+
+    def check(self) -> None:
+        """Raise what stopped the thread, if anything did."""
+        if self._error is not None:
+            raise self._error
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Until every table it knows is caught up (the sink has committed everything by then)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            for t in self._mirrors:
+                self._dirty[t] = None
+            self._cond.notify()
+            while (self._dirty or self._busy) and self._error is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("the mirrors did not catch up in time")
+                self._cond.wait(0.2)
+        self.check()
+
+    def stop(self) -> None:
+        """After the round under way (a graceful shutdown: the rest waits in the changelog)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self.check()
+
+    # ---------------------------------------------------------------- the thread
+
+    def mirror(self, db: str, collection: str) -> Mirror:
+        key = (db, collection)
+        if key not in self._mirrors:
+            self._mirrors[key] = Mirror(
+                self.tables.uri(db, collection, "append"),
+                self.tables.uri(db, collection, "merge"),
+                db,
+                collection,
+                pipeline=self.pipeline,
+                storage_options=self.storage_options,
+                max_rows=self.round_rows,
+                target_changelog=self._changelog,
+            )
+        return self._mirrors[key]
+
+    def _changelog(self, db: str, collection: str) -> DeltaTableWriter:
+        """A rename's target changelog: the moved documents go there, and its mirror follows."""
+        key = (db, collection)
+        if key not in self._changelogs:
+            self._changelogs[key] = DeltaTableWriter(
+                self.tables.uri(db, collection, "append"),
+                mode="append",
+                pipeline=self.pipeline,
+                storage_options=self.storage_options,
+            )
+        return self._changelogs[key]
+
+    def _run(self) -> None:
+        try:
+            for t in self.retry.call(self._startup, operation="list_tables", breaker=self.breaker):
+                self._dirty[t] = None
+            while True:
+                with self._cond:
+                    while not self._dirty and not self._stop:
+                        self._busy = False
+                        self._cond.notify_all()
+                        self._cond.wait(self.idle_seconds)
+                    if self._stop:
+                        self._busy = False
+                        return
+                    table = next(iter(self._dirty))
+                    del self._dirty[table]
+                    self._busy = True
+                more = self._one(table)
+                with self._cond:
+                    if more:
+                        self._dirty[table] = None  # to the back: the other tables take their turn
+        except BaseException as e:  # handed to the worker, which stops the dataflow with it
+            log.error(
+                "stopping: the materializer failed: %s (%s); the changes stay in the changelog",
+                describe(e),
+                type(e).__name__,
+            )
+            with self._cond:
+                self._error = e
+                self._busy = False
+                self._cond.notify_all()
+
+    def _one(self, table: Table) -> bool:
+        """One round for `table`; whether there may be more to apply."""
+        m = self.mirror(*table)
+        name = m.table
+        r = self.retry.call(m.round, operation="materialize", breaker=self.breaker)
+        if r is None:
+            MIRROR_LAG_CHANGES.labels(name).set(0)
+            MIRROR_LAG_SECONDS.labels(name).set(0)
+            self._purge(table, m)
+            return False
+        self.rounds = [*self.rounds[-99:], r]
+        MIRROR_ROUND_SECONDS.labels(name).observe(r.seconds)
+        MIRROR_ROUND_CHANGES.labels(name).observe(r.changes)
+        MIRROR_ROWS_REWRITTEN.labels(name).inc(r.rows_rewritten)
+        MIRROR_LAG_CHANGES.labels(name).set(r.lag.changes)
+        MIRROR_LAG_SECONDS.labels(name).set(r.lag.seconds)
+        log.info(
+            "mirror %s: changelog versions %d..%d, %d changes, %d rows %s in %.2fs; %d changes behind",
+            name,
+            r.first,
+            r.last,
+            r.changes,
+            r.rows_rewritten,
+            "appended" if r.appended else "rewritten",
+            r.seconds,
+            r.lag.changes,
+            extra={"table": name, "rows": r.changes},
+        )
+        return True
+
+    def _purge(self, table: Table, m: Mirror) -> None:
+        """Tombstones older than the retention, at most once an hour per table, when caught up."""
+        now = time.time()
+        if now - self._purged.get(table, 0.0) < min(3600.0, self.tombstone_retention_s):
+            return
+        self._purged[table] = now
+        cutoff_ms = int((now - self.tombstone_retention_s) * 1000)
+        n = self.retry.call(lambda: m.writer.purge_tombstones(cutoff_ms), operation="purge_tombstones")
+        if n:
+            MIRROR_TOMBSTONES_PURGED.labels(m.table).inc(n)
+            log.info("mirror %s: %d tombstones older than the retention purged", m.table, n)
