@@ -123,6 +123,14 @@ class Mirror:
             take.append(p)
             rows += p.rows
         first, last = take[0].version, take[-1].version
+        log.info(
+            "mirror %s: round begin, changelog versions %d..%d, %d changes",
+            self.table,
+            first,
+            last,
+            rows,
+            extra={"table": self.table, "rows": rows},
+        )
         # From a version that added rows: delta-rs reads a change feed only from a version
         # without table metadata in it, unless the table has delta.enableChangeDataFeed set.
         events = self.changelog.events(next(p.version for p in take if p.rows), last)
