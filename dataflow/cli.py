@@ -1,6 +1,9 @@
 """`python -m dataflow.cli` (also `cdc`): status of the tables, and the dead-letter queue.
 
-    status              per table: Delta version, rows, last commit, committed offsets, lag
+    status              per table: Delta version, rows, last commit, committed offsets, lag;
+                        per mirror: how far it trails its changelog
+    read DB.COLL        the collection as of its last committed batch, one Extended JSON document a line
+    materialize         bring the mirrors up to date from their changelogs (once, or --follow)
     dlq inspect         dead letters from the DLQ topic or the fallback file, filtered
     dlq replay          send chosen dead letters back to their source topic, once
 
@@ -65,7 +68,7 @@ def table_status(uri: str, settings: Settings, partitions: dict[str, int], ends:
             end = ends.get((topic, p))
             lag = None if end is None else max(0, end - 1 - version)
             offsets.append({"topic": topic, "partition": p, "committed": version, "end": end, "lag": lag})
-    return {
+    out = {
         "table": uri,
         "version": table.version(),
         "rows": rows,
@@ -74,6 +77,45 @@ def table_status(uri: str, settings: Settings, partitions: dict[str, int], ends:
         "offsets": offsets,
         "lag": sum(o["lag"] or 0 for o in offsets),
     }
+    if table.metadata().configuration.get("cdc.mode") == "merge":
+        out["mirror"] = mirror_status(uri, table, settings)
+    return out
+
+
+def mirror_status(uri: str, table: Any, settings: Settings) -> dict[str, Any]:
+    """How far a mirror trails its changelog: changes and seconds behind, the version it applied."""
+    from dataflow.lake.layout import CHANGELOG_DIR
+    from dataflow.lake.mirror import Mirror
+
+    base = settings.lake_uri.rstrip("/")
+    changelog = f"{base}/{CHANGELOG_DIR}/{uri[len(base) :].lstrip('/')}"
+    lag = Mirror(
+        changelog,
+        uri,
+        "",
+        "",
+        pipeline=settings.pipeline_name,
+        storage_options=settings.storage_options or None,
+    ).lag()
+    live = rows_of(table, deleted=False)
+    return {
+        "applied_version": lag.applied,
+        "changes_behind": lag.changes,
+        "seconds_behind": round(lag.seconds, 1),
+        "versions_behind": lag.versions,
+        "documents": live,
+    }
+
+
+def rows_of(table: Any, *, deleted: bool) -> int:
+    """Rows of a mirror that are tombstones (`deleted`) or documents."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "_deleted" not in pa.schema(table.schema().to_arrow()).names:
+        return -1
+    col = table.to_pyarrow_dataset().to_table(columns=["_deleted"]).column("_deleted")
+    return int(pc.sum(pc.equal(pc.fill_null(col, False), deleted)).as_py() or 0)
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -108,7 +150,97 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         for o in t["offsets"]:
             lag = "?" if o["lag"] is None else o["lag"]
             print(f"    {o['topic']}[{o['partition']}] committed {o['committed']}, end {o['end']}, lag {lag}")
+        if (m := t.get("mirror")) is not None:
+            print(
+                f"    mirror: {m['documents']} documents, changelog version {m['applied_version']} applied, "
+                f"{m['changes_behind']} changes ({m['seconds_behind']}s) behind"
+            )
     return 0
+
+
+# ---------------------------------------------------------------- mirrors
+
+
+def cmd_read(settings: Settings, args: argparse.Namespace) -> int:
+    from dataflow.decode.extjson import dumps
+    from dataflow.lake.read import current_documents
+
+    db, dot, coll = args.table.partition(".")
+    if not dot or not db or not coll:
+        print(f"cdc read: {args.table!r} is not <db>.<collection>", file=sys.stderr)
+        return 2
+    docs = current_documents(
+        settings.lake_uri,
+        db,
+        coll,
+        storage_options=settings.storage_options or None,
+        pipeline=settings.pipeline_name,
+        ids=args.id or None,
+        deleted=args.deleted,
+    )
+    out = sys.stdout.buffer
+    for n, doc in enumerate(docs.values()):
+        if args.limit is not None and n >= args.limit:
+            break
+        out.write(dumps(doc) + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
+    """Bring mirrors up to date; with --follow, keep doing so (CDC_MATERIALIZER=off in the pipeline)."""
+    from dataflow.lake.offsets import lake_collections
+    from dataflow.lake.storage import health_probe
+    from dataflow.runtime.retry import StorageBreaker
+    from dataflow.sink.materializer import Materializer
+
+    if settings.table_mode == "append":
+        print("cdc materialize: CDC_TABLE_MODE=append keeps no mirrors", file=sys.stderr)
+        return 2
+    lake = settings.lake
+    so = lake.storage_options or None
+    chosen = [tuple(t.split(".", 1)) for t in args.table] if args.table else None
+
+    def tables() -> list[tuple[str, str]]:
+        found = lake_collections(settings.lake_uri, so)
+        return found if chosen is None else [t for t in found if t in chosen]
+
+    if args.follow and args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    m = Materializer(
+        lake.tables,
+        pipeline=lake.pipeline_name,
+        storage_options=so,
+        retry=settings.retry.for_commits(),
+        breaker=StorageBreaker(
+            "materializer",
+            probe=health_probe(settings.lake_uri, so),
+            failure_threshold=settings.breaker_failures,
+            recovery_timeout=settings.breaker_reset_seconds,
+        ),
+        round_rows=lake.mirror_round_rows,
+        tombstone_retention_s=lake.tombstone_retention_hours * 3600,
+        startup=tables,
+    )
+    m.start()
+    try:
+        if not args.follow:
+            m.drain()
+            for r in m.rounds:
+                log.info("%s", r)
+            print(
+                f"{len(m.rounds)} rounds, {sum(r.changes for r in m.rounds)} changes applied", file=sys.stderr
+            )
+            return 0
+        while True:  # new changelogs and new changes: look again every --interval seconds
+            time.sleep(args.interval)
+            m.check()
+            for t in tables():
+                m.notify(*t)
+    finally:
+        m.stop()
 
 
 # ---------------------------------------------------------------- dead letters
@@ -383,6 +515,16 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="per table: version, rows, last commit, offsets and lag")
     status.add_argument("--json", action="store_true")
+    read = sub.add_parser("read", help="a collection as of its last committed batch (mirror + changelog)")
+    read.add_argument("table", metavar="DB.COLLECTION")
+    read.add_argument("--id", action="append", help="only this _id (its text; repeatable)")
+    read.add_argument("--deleted", action="store_true", help="tombstones too, with _deleted: true")
+    read.add_argument("--limit", type=int)
+    mat = sub.add_parser("materialize", help="bring the mirrors up to date from their changelogs")
+    mat.add_argument("table", nargs="*", metavar="DB.COLLECTION", help="only these (default: all)")
+    mat.add_argument("--follow", action="store_true", help="keep them up to date until stopped")
+    mat.add_argument("--interval", type=float, default=2.0, help="--follow: seconds between looks")
+    mat.add_argument("--metrics-port", type=int, default=3030, help="--follow: Prometheus port (0: none)")
     dlq = sub.add_parser("dlq", help="inspect or replay dead letters")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
     for name in ("inspect", "replay"):
@@ -428,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         secrets.trust_storage_ca()
         if args.command == "status":
             return cmd_status(settings, args)
+        if args.command == "read":
+            return cmd_read(settings, args)
+        if args.command == "materialize":
+            return cmd_materialize(settings, args)
         if args.dlq_command == "inspect":
             return cmd_inspect(settings, args)
         return cmd_replay(settings, args)

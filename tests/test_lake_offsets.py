@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataflow.lake.offsets import committed_offsets, list_tables, twin_of
+from dataflow.lake.offsets import committed_offsets, list_tables
 from dataflow.lake.writer import DeltaTableWriter
 from tests.harness import TOPIC, ev
 
@@ -16,33 +16,28 @@ def write(uri: Path, mode: str, offsets: dict[int, int], topic: str = TOPIC) -> 
     DeltaTableWriter(str(uri), mode=mode, pipeline="cdc").write(events)  # type: ignore[arg-type]
 
 
-def test_twins_pair_a_table_with_its_changelog(tmp_path) -> None:
-    lake = str(tmp_path)
-    assert twin_of(f"{lake}/shop/orders", lake) == f"{lake}/_changelog/shop/orders"
-    assert twin_of(f"{lake}/_changelog/shop/orders", lake + "/") == f"{lake}/shop/orders"
-
-
-def test_a_partition_resumes_from_the_lowest_offset_its_tables_recorded(tmp_path) -> None:
+def test_in_merge_mode_only_the_changelogs_say_where_to_resume(tmp_path) -> None:
+    # A mirror written before the changelog came first recorded offsets; they no longer count.
     write(tmp_path / "shop" / "orders", "merge", {0: 40, 1: 7})
+    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, merge=True) == {}
     write(tmp_path / "_changelog" / "shop" / "orders", "append", {0: 30, 1: 9})
     assert len(list_tables(str(tmp_path))) == 2
-    got = committed_offsets(str(tmp_path), "cdc", PARTITIONS, paired=True)
-    assert got == {(TOPIC, 0): 30, (TOPIC, 1): 7}
-
-
-def test_a_crash_between_the_table_and_its_first_changelog_commit_resumes_from_the_start(tmp_path) -> None:
-    # `both` mode commits the table, then the changelog; kill -9 in between leaves no changelog.
-    write(tmp_path / "shop" / "orders", "merge", {0: 40, 1: 7})
-    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, paired=True) == {}
-    # Nor may a changelog that exists but never recorded this topic be ignored.
-    write(tmp_path / "_changelog" / "shop" / "orders", "append", {0: 3}, topic="cdc.shop.other")
-    assert len(list_tables(str(tmp_path))) == 2
-    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, paired=True) == {}
-    # A single-table layout has no twin to wait for.
+    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, merge=True) == {(TOPIC, 0): 30, (TOPIC, 1): 9}
+    # an append-mode lake's changelogs are its tables
     assert committed_offsets(str(tmp_path), "cdc", PARTITIONS) == {(TOPIC, 0): 40, (TOPIC, 1): 7}
 
 
-def test_a_partition_one_table_has_not_recorded_resumes_from_the_start(tmp_path) -> None:
-    write(tmp_path / "shop" / "orders", "merge", {0: 40, 1: 7})
-    write(tmp_path / "_changelog" / "shop" / "orders", "append", {0: 40})
-    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, paired=True) == {(TOPIC, 0): 40}
+def test_a_partition_resumes_from_the_lowest_offset_its_changelogs_recorded(tmp_path) -> None:
+    write(tmp_path / "_changelog" / "shop" / "orders", "append", {0: 40, 1: 7})
+    write(tmp_path / "_changelog" / "shop" / "items", "append", {0: 30, 1: 9})
+    got = committed_offsets(str(tmp_path), "cdc", PARTITIONS, merge=True)
+    assert got == {(TOPIC, 0): 30, (TOPIC, 1): 7}
+
+
+def test_a_partition_one_changelog_has_not_recorded_resumes_from_the_start(tmp_path) -> None:
+    write(tmp_path / "_changelog" / "shop" / "orders", "append", {0: 40, 1: 7})
+    write(tmp_path / "_changelog" / "shop" / "items", "append", {0: 40})
+    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, merge=True) == {(TOPIC, 0): 40}
+    # a changelog that never recorded this topic is not fed by it
+    write(tmp_path / "_changelog" / "shop" / "other", "append", {0: 3}, topic="cdc.shop.other")
+    assert committed_offsets(str(tmp_path), "cdc", PARTITIONS, merge=True) == {(TOPIC, 0): 40}

@@ -75,21 +75,30 @@ class Changelog:
             self._dt.update_incremental()
         return self._dt
 
-    def pending(self, after: int) -> list[Version]:
-        """The versions after `after`, oldest first, with the rows each added."""
+    def pending(self, after: int) -> tuple[list[Version], int]:
+        """The versions after `after` that added rows, oldest first, and the latest version.
+
+        Counted from the change feed (one small column), not from the commit
+        history: delta-rs labels history entries from the version it loaded,
+        so a commit landing in between shifts every label by one.
+        """
         dt = self.table()
-        if dt is None or dt.version() <= after:
-            return []
-        out = []
-        for h in dt.history(limit=dt.version() - after):
-            v = h.get("version")
-            if v is None or v <= after:
-                continue
-            rows = 0
-            if h.get("operation") == "WRITE":
-                rows = int((h.get("operationMetrics") or {}).get("num_added_rows") or 0)
-            out.append(Version(v, rows, int(h.get("timestamp") or 0)))
-        return sorted(out, key=lambda x: x.version)
+        if dt is None:
+            return [], after
+        latest = dt.version()
+        if latest <= after:
+            return [], latest
+        feed = _feed(dt, after + 1, latest, ["_seq", "_commit_version", "_commit_timestamp"])
+        if feed is None or feed.num_rows == 0:
+            return [], latest
+        counts = feed.group_by("_commit_version").aggregate(
+            [("_commit_version", "count"), ("_commit_timestamp", "min")]
+        )
+        versions = counts.column("_commit_version").to_pylist()
+        rows = counts.column("_commit_version_count").to_pylist()
+        ts = counts.column("_commit_timestamp_min").cast(pa.int64()).to_pylist()
+        out = [Version(v, n, t) for v, n, t in zip(versions, rows, ts, strict=True)]
+        return sorted(out, key=lambda x: x.version), latest
 
     def layout(self) -> Layout:
         dt = self.table()
@@ -101,9 +110,8 @@ class Changelog:
         dt = self.table()
         assert dt is not None
         layout = self.layout()
-        reader = dt.load_cdf(starting_version=first, ending_version=last)
-        table = _plain(pa.RecordBatchReader.from_stream(reader).read_all())
-        if table.num_rows == 0:
+        table = _feed(dt, first, last, None)
+        if table is None or table.num_rows == 0:
             return []
         table = table.take(pc.sort_indices(table, [("_commit_version", "ascending")]))
         return self._events(table, layout)
@@ -178,3 +186,25 @@ def _plain(table: pa.Table) -> pa.Table:
     """The change feed's view types (string_view, binary_view) as the plain types the table has."""
     schema = pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in table.schema])
     return table if schema.equals(table.schema) else table.cast(schema)
+
+
+_NO_FEED = "that does not have change data enabled"
+
+
+def _feed(dt: DeltaTable, first: int, last: int, columns: list[str] | None) -> pa.Table | None:
+    """The rows versions `first`..`last` added (delta-rs' change data feed), with `_commit_version`.
+
+    delta-rs refuses to start a feed at a commit that sets table metadata
+    (the creation, added columns) unless the table has
+    delta.enableChangeDataFeed; such commits add no rows, so the feed starts
+    after them instead.
+    """
+    while first <= last:
+        try:
+            reader = dt.load_cdf(starting_version=first, ending_version=last, columns=columns)
+            return _plain(pa.RecordBatchReader.from_stream(reader).read_all())
+        except Exception as e:
+            if _NO_FEED not in str(e):
+                raise
+            first += 1
+    return None

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dataflow.lake.changelog import Changelog
+from dataflow.lake.changelog import Changelog, Version
 from dataflow.lake.writer import DeltaTableWriter
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,11 @@ class Mirror:
 
     def lag(self) -> Lag:
         applied = self.applied()
-        return self._lag(applied, self.changelog.pending(applied))
+        return self._lag(applied, self.changelog.pending(applied)[0])
 
-    def _lag(self, applied: int, pending: list) -> Lag:
+    def _lag(self, applied: int, pending: list[Version]) -> Lag:
         changes = sum(p.rows for p in pending)
-        oldest = next((p.timestamp_ms for p in pending if p.rows), None)
+        oldest = min((p.timestamp_ms for p in pending), default=None)
         seconds = 0.0 if oldest is None else max(0.0, self.clock() - oldest / 1000)
         return Lag(changes, seconds, len(pending), applied)
 
@@ -111,10 +111,10 @@ class Mirror:
         """Apply the next round of changelog versions; None when the mirror is caught up."""
         started = time.monotonic()
         applied = self.applied()
-        pending = self.changelog.pending(applied)
-        if not any(p.rows for p in pending):
-            if pending and self.writer.version is not None:
-                self.writer.apply([], (self.app, pending[-1].version))  # only the mark moves
+        pending, latest = self.changelog.pending(applied)
+        if not pending:
+            if latest > applied and self.writer.version is not None:
+                self.writer.apply([], (self.app, latest))  # commits without rows: only the mark moves
             return None
         take, rows = [], 0
         for p in pending:
@@ -122,7 +122,9 @@ class Mirror:
                 break
             take.append(p)
             rows += p.rows
-        first, last = take[0].version, take[-1].version
+        # the round starts after the mark and ends at its last version, or at the latest when it
+        # takes every pending version (commits without rows after them need no other round)
+        first, last = applied + 1, latest if len(take) == len(pending) else take[-1].version
         log.info(
             "mirror %s: round begin, changelog versions %d..%d, %d changes",
             self.table,
@@ -131,9 +133,7 @@ class Mirror:
             rows,
             extra={"table": self.table, "rows": rows},
         )
-        # From a version that added rows: delta-rs reads a change feed only from a version
-        # without table metadata in it, unless the table has delta.enableChangeDataFeed set.
-        events = self.changelog.events(next(p.version for p in take if p.rows), last)
+        events = self.changelog.events(first, last)
         result = self.writer.apply(events, (self.app, last), kinds=self.changelog.layout())
         metrics = self.writer.last_merge if result.committed else {}
         self.writer.last_merge = {}

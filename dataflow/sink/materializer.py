@@ -83,6 +83,7 @@ class Materializer:
     # ---------------------------------------------------------------- the sink's side
 
     def start(self) -> None:
+        self._busy = True  # till the thread has listed the lake's tables at start: drain() waits for it
         self._thread = threading.Thread(target=self._run, name="materializer", daemon=True)
         self._thread.start()
 
