@@ -10,7 +10,8 @@ from dataflow.runtime.settings import Settings, SettingsError
 def test_defaults_run_the_embedded_sample() -> None:
     s = Settings.from_env({})
     assert s.brokers is None and s.stop_at_end
-    assert s.table_mode == "merge" and s.batch_max_rows == 25_000
+    assert s.table_mode == "merge" and s.batch_max_rows == 10_000
+    assert s.materializer == "embedded" and s.mirror_round_rows == 250_000
     assert Settings.from_env({"CDC_TABLE_MODE": "append"}).batch_max_rows == 10_000
     assert Settings.from_env({"CDC_TABLE_MODE": "merge", "CDC_BATCH_MAX_ROWS": "500"}).batch_max_rows == 500
     assert s.lake.tables.uri("shop", "orders", "merge").endswith("/data/lake/shop/orders")
@@ -79,13 +80,13 @@ def test_kafka_client_settings_pass_through() -> None:
     ("env", "background"),
     [
         ({"CDC_TABLE_MODE": "append"}, True),
-        ({"CDC_TABLE_MODE": "merge"}, False),
-        ({"CDC_TABLE_MODE": "both"}, False),
+        ({"CDC_TABLE_MODE": "merge"}, True),  # the sink only appends, to the changelog
+        ({"CDC_TABLE_MODE": "both"}, True),
         ({"CDC_TABLE_MODE": "append", "CDC_BACKGROUND_COMMITS": "0"}, False),
-        ({"CDC_TABLE_MODE": "merge", "CDC_BACKGROUND_COMMITS": "true"}, True),
+        ({"CDC_TABLE_MODE": "merge", "CDC_BACKGROUND_COMMITS": "false"}, False),
     ],
 )
-def test_background_commits_default_to_append_mode_only(env: dict[str, str], background: bool) -> None:
+def test_background_commits_are_on_unless_switched_off(env: dict[str, str], background: bool) -> None:
     assert Settings.from_env(env).background_commits is background
 
 
@@ -288,9 +289,10 @@ def test_each_component_gets_its_share() -> None:
     assert s.kafka.topics == ("a", "b") and s.kafka.start_from == "beginning" and not s.kafka.stop_at_end
     assert s.kafka.client_config == {"sasl.password": "hunter2-value"}
     assert "hunter2-value" not in repr(s.kafka)
-    assert s.lake.tables.modes == ("merge", "append") and s.lake.pipeline_name == "cdc"
+    assert s.lake.tables.merge and s.lake.pipeline_name == "cdc"
     assert s.lake.tables.uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
-    assert (s.batch.max_rows, s.batch.max_open_rows) == (25_000, 1000)
+    assert s.lake.tables.uri("shop", "orders", "merge") == "/lake/shop/orders"
+    assert (s.batch.max_rows, s.batch.max_open_rows) == (10_000, 1000)
     assert (s.retry.max_attempts, s.retry.initial_seconds, s.retry.max_seconds) == (3, 0.5, 30.0)
     assert s.retry.at_start().attempts == 3 and s.retry.for_commits().attempts is None
     assert (s.dlq.topic, s.dlq.rate_per_minute, s.dlq.brokers) == ("dlq", 10_000, "k:9092")

@@ -140,6 +140,7 @@ class Materializer:
     def _changelog(self, db: str, collection: str) -> DeltaTableWriter:
         """A rename's target changelog: the moved documents go there, and its mirror follows."""
         key = (db, collection)
+        self.notify(db, collection)  # its mirror follows, here (the rename's copy is in no batch)
         if key not in self._changelogs:
             self._changelogs[key] = DeltaTableWriter(
                 self.tables.uri(db, collection, "append"),
