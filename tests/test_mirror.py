@@ -1,0 +1,333 @@
+"""Merge mode's two tables on local Delta tables: the changelog the sink commits, and the mirror
+the materializer brings up to date from it in rounds (`dataflow.lake.mirror`).
+
+The mirror must equal the collection whatever the cut of changes into batches and of
+batches into rounds, with rounds interleaved with new commits; a fresh read (mirror plus
+the changelog after its mark) must equal it at every moment.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from bson.decimal128 import Decimal128
+from deltalake import DeltaTable
+
+from dataflow.decode.updates import Update
+from dataflow.lake.documents import table_documents
+from dataflow.lake.layout import TableLocations
+from dataflow.lake.mirror import Mirror, mark_app
+from dataflow.lake.read import current_documents
+from dataflow.lake.writer import DeltaTableWriter
+from dataflow.model import Binary, ChangeEvent, ObjectId
+from dataflow.runtime.failures import Kind, classify
+from tests.harness import BASE_MS, TOPIC, ev
+
+DB, COLL = "shop", "orders"
+
+
+@pytest.fixture
+def lake(tmp_path) -> str:
+    return str(tmp_path / "lake")
+
+
+def changelog(lake: str) -> DeltaTableWriter:
+    return DeltaTableWriter(TableLocations(lake).uri(DB, COLL, "append"), mode="append")
+
+
+def mirror(lake: str, max_rows: int = 250_000) -> Mirror:
+    t = TableLocations(lake)
+    return Mirror(t.uri(DB, COLL, "append"), t.uri(DB, COLL, "merge"), DB, COLL, max_rows=max_rows)
+
+
+def docs(lake: str) -> dict[str, dict[str, Any]]:
+    """The mirror's live documents by _id text."""
+    return table_documents(TableLocations(lake).uri(DB, COLL, "merge"))
+
+
+def fresh(lake: str) -> dict[str, dict[str, Any]]:
+    """A fresh read, by _id text."""
+    return {d.pop("_id"): d for d in current_documents(lake, DB, COLL).values()}
+
+
+# ------------------------------------------------------------------ random histories
+
+VALUES = [
+    lambda r: r.randrange(-(2**40), 2**40),
+    lambda r: r.random() * 1000,
+    lambda r: r.choice(["a", "b", "éé", ""]) * r.randrange(1, 4),
+    lambda r: r.random() < 0.5,
+    lambda r: ObjectId(f"{r.randrange(2**96):024x}"),
+    lambda r: datetime(2024, 1, 1, tzinfo=UTC) + timedelta(milliseconds=r.randrange(10**11)),
+    lambda r: Decimal128(f"{r.randrange(10**6)}.{r.randrange(100):02d}"),
+    lambda r: {"x": r.randrange(9), "y": [1, "two"]},
+    lambda r: [r.randrange(9), {"z": None}],
+    lambda r: Binary(bytes([r.randrange(256)]), 0x80),
+    lambda r: None,
+]
+FIELDS = ["a", "b", "c", "d"]
+
+
+def history(rng: random.Random, n: int) -> list[ChangeEvent]:
+    """Changes to 15 documents on 3 partitions (a document always on one, as Kafka keys it)."""
+    offsets = [0, 0, 0]
+    live: set[str] = set()
+    out = []
+    for i in range(n):
+        _id = f"d{rng.randrange(15)}"
+        p = int(_id[1:]) % 3
+        off = offsets[p]
+        offsets[p] += 1
+        ts = BASE_MS + i * 1000
+        kind = rng.random()
+        if _id not in live or kind < 0.15:
+            doc = {f: rng.choice(VALUES)(rng) for f in rng.sample(FIELDS, rng.randrange(1, 4))}
+            e = ev(_id, "insert" if _id not in live else "replace", doc, offset=off, partition=p, ts_ms=ts)
+            live.add(_id)
+        elif kind < 0.3:
+            e = ev(_id, "delete", offset=off, partition=p, ts_ms=ts)
+            live.discard(_id)
+        elif kind < 0.45:
+            e = ev(_id, "update", offset=off, partition=p, ts_ms=ts)
+            e.change = Update(set=((("sub", "n"), rng.randrange(9)),), unset=((rng.choice(FIELDS),),))
+        else:
+            updated = {f: rng.choice(VALUES)(rng) for f in rng.sample(FIELDS, rng.randrange(0, 3))}
+            removed = tuple(f for f in rng.sample(FIELDS, rng.randrange(0, 2)) if f not in updated)
+            e = ev(_id, "update", offset=off, partition=p, ts_ms=ts, updated=updated, removed=removed)
+        out.append(e)
+    return out
+
+
+def model(events: list[ChangeEvent]) -> dict[str, dict[str, Any]]:
+    """The collection after the changes, applied one by one as MongoDB did (null == absent)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.op == "delete":
+            out.pop(e.id, None)
+        elif e.doc is not None:
+            out[e.id] = {k: v for k, v in e.doc.items() if k != "_id"}
+        elif e.change is not None:
+            out[e.id] = e.change.apply(out.get(e.id, {}))
+        else:
+            d = out.setdefault(e.id, {})
+            d.update(e.updated or {})
+            for k in e.removed:
+                d.pop(k, None)
+    return {i: {k: v for k, v in d.items() if v is not None} for i, d in out.items()}
+
+
+def cuts(rng: random.Random, events: list[ChangeEvent]) -> list[list[ChangeEvent]]:
+    out, i = [], 0
+    while i < len(events):
+        n = rng.randrange(1, 12)
+        out.append(events[i : i + n])
+        i += n
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_mirror_equals_the_collection_whatever_the_batches_and_rounds(lake, seed) -> None:
+    rng = random.Random(seed)
+    events = history(rng, 300)
+    log, m = changelog(lake), mirror(lake, max_rows=rng.choice([1, 5, 20, 1000]))
+    done: list[ChangeEvent] = []
+    for batch in cuts(rng, events):
+        log.write(batch)
+        done += batch
+        if rng.random() < 0.4:
+            m.round()
+        if rng.random() < 0.2:
+            assert fresh(lake) == model(done)  # whatever the mirror has applied so far
+    rounds = m.catch_up()
+    assert all(r.changes <= m.max_rows or r.first == r.last for r in rounds)
+    assert m.lag().caught_up
+    assert docs(lake) == model(events)
+    assert fresh(lake) == model(events)
+
+
+def test_the_materialized_mirror_equals_one_merged_batch_by_batch(lake, tmp_path) -> None:
+    """The MERGE path straight from the events (the writer's own) and the changelog path agree,
+    value types included."""
+    rng = random.Random(7)
+    events = history(rng, 400)
+    direct = DeltaTableWriter(str(tmp_path / "direct"), mode="merge")
+    log, m = changelog(lake), mirror(lake, max_rows=37)
+    for batch in cuts(rng, events):
+        direct.write(batch)
+        log.write(batch)
+    m.catch_up()
+    assert docs(lake) == table_documents(str(tmp_path / "direct")) == model(events)
+
+
+# ------------------------------------------------------------------ order and deletes
+
+
+def _at(e: ChangeEvent, seq: int) -> ChangeEvent:
+    e.seq = seq
+    return e
+
+
+def test_a_replayed_older_update_in_one_round_keeps_its_place(lake) -> None:
+    """insert (seq 10), update v3 (seq 30), and a replayed older update v2 (seq 20): the
+    document ends as v3 left it, stamped 30."""
+    log, m = changelog(lake), mirror(lake)
+    v2 = _at(ev("a", "update", updated={"v": 2, "w": 2}, offset=2), 20)
+    v2.replayed = True
+    log.write(
+        [
+            _at(ev("a", doc={"v": 1}, offset=0), 10),
+            _at(ev("a", "update", updated={"v": 3}, offset=1), 30),
+            v2,
+        ]
+    )
+    m.catch_up()
+    assert docs(lake) == {"a": {"v": 3, "w": 2}}  # v2 happened between: its w stays, its v does not
+    (row,) = DeltaTable(TableLocations(lake).uri(DB, COLL, "merge")).to_pyarrow_table().to_pylist()
+    assert row["_seq"] == 30
+
+
+def test_one_partitions_changes_keep_their_offset_order_whatever_their_sequences(lake) -> None:
+    log, m = changelog(lake), mirror(lake)
+    late = _at(ev("a", "update", updated={"v": 0}, offset=9, partition=1), 15)
+    late.replayed = True
+    # the source clock ran backwards between offsets 1 and 2; a replay sits between
+    log.write(
+        [
+            _at(ev("a", doc={"v": 1}, offset=0), 10),
+            _at(ev("a", "update", updated={"v": 2}, offset=1), 30),
+            late,
+            _at(ev("a", "update", updated={"v": 3}, offset=2), 20),
+        ]
+    )
+    m.catch_up()
+    assert docs(lake) == {"a": {"v": 3}}
+
+
+@pytest.mark.parametrize("same_round", [True, False])
+def test_a_deleted_document_stays_deleted_when_an_older_insert_arrives_late(lake, same_round) -> None:
+    log, m = changelog(lake), mirror(lake)
+    log.write([_at(ev("a", doc={"v": 1}, offset=0), 10), _at(ev("a", "delete", offset=1), 50)])
+    if not same_round:
+        m.catch_up()
+    replayed = _at(ev("a", doc={"v": 1}, offset=7), 10)  # `cdc dlq replay` of the insert
+    replayed.replayed = True
+    other = _at(ev("a", doc={"v": 2}, offset=0, partition=3), 40)  # another partition, older
+    log.write([replayed, other])
+    m.catch_up()
+    assert docs(lake) == {} and fresh(lake) == {}
+    tomb = current_documents(lake, DB, COLL, deleted=True)
+    assert list(tomb.values()) == [{"_id": "a", "_deleted": True}]
+    # a newer insert does bring it back
+    log.write([_at(ev("a", doc={"v": 3}, offset=8), 60)])
+    m.catch_up()
+    assert docs(lake) == {"a": {"v": 3}}
+
+
+def test_tombstones_past_the_retention_are_purged(lake) -> None:
+    log, m = changelog(lake), mirror(lake)
+    old, new = BASE_MS, BASE_MS + 10 * 86_400_000
+    log.write(
+        [
+            ev("a", doc={"v": 1}, offset=0, ts_ms=old),
+            ev("b", doc={"v": 1}, offset=1, ts_ms=old),
+            ev("c", doc={"v": 1}, offset=2, ts_ms=old),
+            ev("a", "delete", offset=3, ts_ms=old + 1000),
+            ev("b", "delete", offset=4, ts_ms=new),
+        ]
+    )
+    m.catch_up()
+    assert set(current_documents(lake, DB, COLL, deleted=True)) == {"s:a", "s:b", "s:c"}
+    assert m.writer.purge_tombstones(new - 86_400_000) == 1
+    assert set(current_documents(lake, DB, COLL, deleted=True)) == {"s:b", "s:c"}
+    assert docs(lake) == {"c": {"v": 1}}
+
+
+# ------------------------------------------------------------------ rounds
+
+
+def test_rounds_are_bounded_and_a_snapshot_is_appended(lake) -> None:
+    log, m = changelog(lake), mirror(lake, max_rows=25)
+    for b in range(10):
+        log.write([ev(f"d{b}-{i}", doc={"n": i}, offset=b * 10 + i) for i in range(10)])
+    rounds = m.catch_up()
+    assert [r.changes for r in rounds] == [20, 20, 20, 20, 20]
+    assert all(r.appended for r in rounds)  # only new documents: no MERGE
+    assert len(docs(lake)) == 100
+    # an insert of a key the mirror holds (a tombstone here) is merged, not appended twice
+    log.write([ev("d0-0", "delete", offset=100)])
+    log.write([ev("d0-0", doc={"n": -1}, offset=101)])
+    rounds = m.catch_up()
+    assert not rounds[-1].appended
+    rows = DeltaTable(TableLocations(lake).uri(DB, COLL, "merge")).to_pyarrow_table().to_pylist()
+    assert len(rows) == 100 and docs(lake)["d0-0"] == {"n": -1}
+
+
+def test_a_round_applied_twice_applies_once(lake) -> None:
+    """A crash after the mirror's commit and before anything else: the mark says it landed."""
+    log, m = changelog(lake), mirror(lake)
+    log.write([ev("a", doc={"n": 1}, offset=0), ev("b", doc={"n": 1}, offset=1)])
+    m.catch_up()
+    log.write([ev("a", "update", updated={"n": 2}, offset=2)])
+    events = m.changelog.events(2, 2)
+    first = m.writer.apply(events, (m.app, 2))
+    again = mirror(lake).writer.apply(events, (m.app, 2))  # a restarted process, same round
+    assert first.committed and not again.committed and again.skipped == 1
+    assert docs(lake) == {"a": {"n": 2}, "b": {"n": 1}}
+
+
+def test_two_materializers_on_one_table_leave_it_right(lake) -> None:
+    rng = random.Random(3)
+    events = history(rng, 200)
+    log = changelog(lake)
+    for batch in cuts(rng, events):
+        log.write(batch)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        m = mirror(lake, max_rows=30)
+        for _ in range(200):  # a lost commit race is an error; the retry is to look again
+            try:
+                if m.round() is None:
+                    return
+            except Exception as e:
+                if classify(e) is not Kind.UNAVAILABLE:
+                    errors.append(e)
+                    return
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert docs(lake) == model(events)
+
+
+def test_a_mirror_that_recorded_offsets_itself_still_takes_the_changelog(lake) -> None:
+    """A mirror written before the changelog came first holds Kafka offsets in its txn actions;
+    changes at or below them are applied already, and the mark moves past them."""
+    t = TableLocations(lake)
+    DeltaTableWriter(t.uri(DB, COLL, "merge"), mode="merge").write([ev("a", doc={"n": 1}, offset=0)])
+    log, m = changelog(lake), mirror(lake)
+    log.write([ev("a", doc={"n": 1}, offset=0)])
+    log.write([ev("a", "update", updated={"n": 2}, offset=1)])
+    m.catch_up()
+    assert m.lag().caught_up and m.applied() == DeltaTable(t.uri(DB, COLL, "append")).version()
+    assert DeltaTable(t.uri(DB, COLL, "merge")).transaction_version(mark_app("cdc")) == m.applied()
+    assert docs(lake) == {"a": {"n": 2}}
+
+
+def test_a_null_set_by_a_partial_update_reaches_the_mirror(lake) -> None:
+    log, m = changelog(lake), mirror(lake)
+    log.write([ev("a", doc={"n": 1, "m": 1}, offset=0)])
+    m.catch_up()
+    log.write([ev("a", "update", updated={"n": None}, offset=1)])
+    m.catch_up()
+    assert docs(lake) == {"a": {"m": 1}}
+    rows = DeltaTable(TableLocations(lake).uri(DB, COLL, "append")).to_pyarrow_table().to_pylist()
+    (row,) = [r for r in rows if r["_op"] == "update"]
+    assert row["_set"] == ["n"] and row["_removed"] == [] and row["_source_topic"] == TOPIC
