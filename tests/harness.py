@@ -193,6 +193,7 @@ class PipelineProcess:
         self.log = log
         self.lines: list[str] = []
         self.commit_begun = threading.Event()
+        self.round_begun = threading.Event()  # a materializer round has begun (merge mode)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dataflow", *args],
             env=env,
@@ -212,6 +213,8 @@ class PipelineProcess:
                 self.lines.append(line)
                 if "commit begin" in line:
                     self.commit_begun.set()
+                if "round begin" in line:
+                    self.round_begun.set()
 
     def wait_for(self, marker: str, count: int, timeout: float) -> None:
         """Until `count` lines hold `marker`; fails the test if that does not happen in time."""

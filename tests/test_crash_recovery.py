@@ -1,5 +1,6 @@
-"""Crash-safe resume: kill -9 at random moments (some inside a Delta commit), lost and garbage
-recovery stores, SIGTERM, and two pipelines on the same tables. Nothing is lost or repeated."""
+"""Crash-safe resume: kill -9 at random moments (some inside a changelog commit, some inside a
+mirror's round), lost and garbage recovery stores, SIGTERM, and two pipelines on the same
+tables. Nothing is lost or repeated."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     # the topic: every life is killed, however fast the pipeline has become.
     lives = 12
     slices = [messages[i * len(messages) // lives : (i + 1) * len(messages) // lives] for i in range(lives)]
-    kills = in_commit = 0
+    kills = in_commit = in_round = 0
     deleted_store = garbage_store = False
     deadline = time.monotonic() + 900
     while kills < lives and time.monotonic() < deadline:
@@ -57,15 +58,19 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
             garbage_store = True
         produce(kafka.bootstrap, iter(slices[kills]))
         p = PipelineProcess({**env, "CDC_STOP_AT_END": "0"}, log)
-        if kills % 2 == 0:
+        if kills % 3 == 0:
             # Aim at the commit window: kill a few milliseconds after a commit begins.
             assert p.commit_begun.wait(timeout=60), "no commit began in 60 s:\n" + p.tail()
             time.sleep(rng.uniform(0.0, 0.15))
+            in_commit += 1
+        elif kills % 3 == 1:
+            # Aim inside a materializer round: its MERGE or append into the mirror, its mark.
+            assert p.round_begun.wait(timeout=60), "no mirror round began in 60 s:\n" + p.tail()
+            time.sleep(rng.uniform(0.0, 0.4))
+            in_round += 1
         else:
             time.sleep(rng.uniform(2.0, 8.0))
         assert p.proc.poll() is None, "a pipeline that should run until killed exited:\n" + p.tail()
-        if kills % 2 == 0:
-            in_commit += 1
         p.kill(signal.SIGKILL)
         assert p.wait(30) == -signal.SIGKILL
         kills += 1
@@ -79,10 +84,14 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     assert "resuming from offset" in text  # partitions resumed from the Delta offsets
     counts = assert_exactly_once(model, gen, bucket, s3.storage_options)
     report = tmp_path.parent / f"crash-report-{background}.txt"
-    report.write_text(f"kills={kills} in_commit={in_commit} events={len(messages)} changelog={counts}\n")
-    print(
-        f"\nkill -9 x{kills} ({in_commit} aimed inside a commit), {len(messages)} messages, changelog {counts}"
+    report.write_text(
+        f"kills={kills} in_commit={in_commit} in_round={in_round} events={len(messages)} changelog={counts}\n"
     )
+    print(
+        f"\nkill -9 x{kills} ({in_commit} aimed inside a commit, {in_round} inside a mirror round), "
+        f"{len(messages)} messages, changelog {counts}"
+    )
+    assert in_round >= 3
 
 
 @BACKGROUND

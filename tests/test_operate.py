@@ -220,3 +220,75 @@ def test_dlq_replay_writes_only_to_the_topics_the_pipeline_reads(kafka, tmp_path
     )
     assert "replayed 2," in again.stdout, again.stdout + again.stderr
     assert len(read_topic(kafka.bootstrap, other, 1)) == 1
+
+
+def test_a_deleted_document_stays_deleted_when_an_older_insert_is_replayed_or_comes_late(
+    kafka, s3, tmp_path
+) -> None:
+    """insert and delete of one document on partition 0; an older insert of it arrives later on
+    partition 1, and another older one, corrupt on the wire, is fixed and replayed through
+    `cdc dlq replay`. The mirror's tombstone keeps the document deleted; a newer insert then
+    brings it back."""
+    from confluent_kafka import Producer
+
+    from services.generate import ObjectId
+
+    gen = Generator(collections=1, prefix=f"tomb{tmp_path.name[-6:]}", seed=5, doc_bytes=300)
+    coll = gen.names[0]
+    topic = gen.topic(coll)
+    kafka.create_topics([topic], partitions=2)
+    dlq_topic = kafka.topic("dlq", partitions=1)
+    oid = "65a1f0c2e4b0a1b2c3d4e5f6"
+    key = gen._key(oid)
+    insert = gen._envelope(coll, "c", {"_id": ObjectId(oid), "v": "first"}, None)
+    late = gen._envelope(coll, "c", {"_id": ObjectId(oid), "v": "late"}, None)  # older than the delete
+    replay = gen._envelope(coll, "c", {"_id": ObjectId(oid), "v": "replayed"}, None)  # older too
+    delete = gen._envelope(coll, "d", None, None)
+    newer = gen._envelope(coll, "c", {"_id": ObjectId(oid), "v": "newer"}, None)
+    other = gen._envelope(coll, "c", {"_id": ObjectId("65a1f0c2e4b0a1b2c3d4e5f7"), "v": "x"}, None)
+
+    def send(*messages: tuple[int, bytes, bytes | None]) -> None:
+        p = Producer({"bootstrap.servers": kafka.bootstrap})
+        for partition, k, v in messages:
+            p.produce(topic, key=k, value=v, partition=partition)
+        assert p.flush(30) == 0
+
+    send((0, key, insert), (0, key, replay[: len(replay) // 2]), (0, key, delete))
+    send((1, key, late), (1, gen._key("65a1f0c2e4b0a1b2c3d4e5f7"), other))
+    bucket = s3.bucket("tomb")
+    env = pipeline_env(
+        CDC_KAFKA_BROKERS=kafka.bootstrap,
+        CDC_TOPICS=topic,
+        CDC_LAKE_URI=f"s3://{bucket}/lake",
+        CDC_DLQ_TOPIC=dlq_topic,
+        CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
+        CDC_RECOVERY_DIR=str(tmp_path / "recovery"),
+        **s3.env,
+    )
+
+    def live() -> dict[str, str]:
+        out = cli(env, "read", f"{gen.db}.{coll}").stdout
+        return {d["_id"]: d["v"] for d in map(orjson.loads, out.splitlines())}
+
+    run_pipeline(env)
+    assert live() == {"65a1f0c2e4b0a1b2c3d4e5f7": "x"}
+    (record,) = [orjson.loads(line) for line in cli(env, "dlq", "inspect", "--json").stdout.splitlines()]
+    record["value"] = replay.decode()
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_bytes(orjson.dumps(record) + b"\n")
+    assert "replayed 1," in cli(env, "dlq", "replay", "--file", str(fixed)).stdout
+    run_pipeline(env)
+    assert live() == {"65a1f0c2e4b0a1b2c3d4e5f7": "x"}
+    tombs = [
+        orjson.loads(line) for line in cli(env, "read", f"{gen.db}.{coll}", "--deleted").stdout.splitlines()
+    ]
+    assert {"_id": oid, "_deleted": True} in tombs
+    changelog = table_rows(f"s3://{bucket}/lake/_changelog/{gen.db}/{coll}", s3.storage_options)
+    assert sorted(r["_op"] for r in changelog) == ["delete", "insert", "insert", "insert", "insert"]
+    assert sum(bool(r["_replayed"]) for r in changelog) == 1
+
+    send((0, key, newer))
+    run_pipeline(env)
+    assert live() == {oid: "newer", "65a1f0c2e4b0a1b2c3d4e5f7": "x"}
+    mirror = DeltaTable(f"s3://{bucket}/lake/{gen.db}/{coll}", storage_options=s3.storage_options)
+    assert len(mirror.to_pyarrow_table()) == 2  # the tombstone became the document again
