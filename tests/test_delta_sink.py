@@ -19,7 +19,7 @@ from dataflow.runtime.failures import ConfigError
 from tests.harness import BASE_MS, TOPIC, ev
 
 ROW_META = {"_id", "_key", "_seq", "_op", "_ts", "_source_topic", "_source_partition", "_source_offset"}
-MERGE_META = ROW_META | {"_deleted"}
+MERGE_META = ROW_META | {"_deleted", "_deleted_at"}
 APPEND_META = ROW_META | {"_removed", "_change", "_set", "_replayed"}
 
 

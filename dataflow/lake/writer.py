@@ -17,6 +17,7 @@ row per event with its source coordinates. Type decisions: `dataflow.lake.column
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,6 +63,9 @@ _MERGE_META = (
     # A tombstone: the document is deleted, its key and sequence stay so that an older change
     # (a replay, another partition) cannot bring it back. Null in rows from before tombstones.
     Column("_deleted", "bool", "meta"),
+    # When the tombstone was written (wall clock): its retention runs from here, not from the
+    # change's own time, so a backlog of old changes keeps its tombstones while it is read.
+    Column("_deleted_at", "timestamp", "meta"),
 )
 _APPEND_META = (
     *_ROW_META,
@@ -130,6 +134,11 @@ class _Prepared:
 def _q(name: str) -> str:
     """Quote a column name for a delta-rs SQL expression."""
     return "`" + name.replace("`", "``") + "`"
+
+
+def _sql_timestamp(ms: int) -> str:
+    """A timestamp[us, UTC] literal for a delta-rs SQL expression."""
+    return f"arrow_cast({int(ms) * 1000}, 'Timestamp(Microsecond, Some(\"UTC\"))')"
 
 
 def _sql_text(text: str) -> str:
@@ -295,7 +304,14 @@ def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
 
 
 _SOURCES = ("_source_topic", "_source_partition", "_source_offset")
-_PATCH_META = ("_seq", "_op", "_ts", "_deleted", *_SOURCES)  # what a patch sets beside its fields
+_PATCH_META = (
+    "_seq",
+    "_op",
+    "_ts",
+    "_deleted",
+    "_deleted_at",
+    *_SOURCES,
+)  # what a patch sets beside its fields
 _SAME_SOURCE = "t.`_source_topic` = s.`_source_topic` AND t.`_source_partition` = s.`_source_partition`"
 # Whether a change may overwrite the stored row. From the row's own partition, a later offset
 # always may (Kafka's order is the source's; a crash's re-reads are filtered by the txn versions
@@ -550,6 +566,7 @@ class DeltaTableWriter:
         # arrives late (a replay, another partition) cannot bring a document back.
         tomb = {_q(c.name): "NULL" for c in layout.columns if c.role != "meta"}
         tomb["`_deleted`"] = "true"
+        tomb["`_deleted_at`"] = _sql_timestamp(int(time.time() * 1000))
         tomb["`_op`"] = _sql_text(ddl.op)
         tomb["`_source_topic`"] = _sql_text(ddl.topic)
         tomb["`_source_partition`"] = str(ddl.partition)
@@ -749,7 +766,12 @@ class DeltaTableWriter:
             )
             out["_replayed"] = pa.array([e.replayed for e in rows], pa.bool_())
         else:
-            out["_deleted"] = pa.array([r.action == "delete" for r in rows], pa.bool_())
+            deleted = [r.action == "delete" for r in rows]
+            now = int(time.time() * 1_000_000)
+            out["_deleted"] = pa.array(deleted, pa.bool_())
+            out["_deleted_at"] = pa.array([now if d else None for d in deleted], pa.int64()).cast(
+                self._meta["_deleted_at"].type
+            )
         return out
 
     def _merge_source(self, prepared: _Prepared, layout: Layout, rows: list[_Row]) -> None:
@@ -876,7 +898,7 @@ class DeltaTableWriter:
     # ------------------------------------------------------------ maintenance
 
     def purge_tombstones(self, before_ms: int) -> int:
-        """Delete tombstones whose change is older than `before_ms`; how many went.
+        """Delete tombstones written before `before_ms` (wall clock); how many went.
 
         Past the retention a tombstone no longer guards against anything expected
         (a replay or a lagging partition that late is not), and it costs space.
@@ -884,8 +906,10 @@ class DeltaTableWriter:
         dt = self._refresh()
         if dt is None or "_deleted" not in pa.schema(dt.schema().to_arrow()).names:
             return 0
-        ts = f"arrow_cast({int(before_ms) * 1000}, 'Timestamp(Microsecond, Some(\"UTC\"))')"
-        out = dt.delete(f"`_deleted` AND `_ts` < {ts}", writer_properties=self._writer_properties)
+        if "_deleted_at" not in pa.schema(dt.schema().to_arrow()).names:
+            return 0
+        predicate = f"`_deleted` AND `_deleted_at` < {_sql_timestamp(before_ms)}"
+        out = dt.delete(predicate, writer_properties=self._writer_properties)
         return int(out.get("num_deleted_rows", 0) or 0)
 
     def compact(self) -> dict[str, Any]:
