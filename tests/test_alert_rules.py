@@ -217,6 +217,8 @@ def test_every_alert_is_labelled_and_annotated():
         "CDCCheckpointLagHigh",
         "CDCCircuitBreakerOpen",
         "CDCCorruptionRateHigh",
+        "CDCMirrorBehind",
+        "CDCMirrorStuck",
     }
     assert required <= set(names)
     for r in rules:
