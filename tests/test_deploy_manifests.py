@@ -32,6 +32,8 @@ from tests.harness import StrictLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
+# The optional kustomize component: the materializer run apart (merge mode).
+MATERIALIZER = K8S / "materializer"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_ENV_EXAMPLE = ROOT / "deploy" / "compose.env.example"
 CONNECTOR = ROOT / "deploy" / "debezium-mongodb.json"
@@ -46,6 +48,9 @@ CORE_KINDS = {
     "PodDisruptionBudget",
     "NetworkPolicy",
 }
+MATERIALIZER_KINDS = {"Deployment", "Service", "NetworkPolicy"}
+PIPELINE = "StatefulSet/cdc-pipeline"
+MATERIALIZER_POD = "Deployment/cdc-materializer"
 
 
 # --- tools -------------------------------------------------------------------
@@ -100,22 +105,38 @@ def test_load_yaml() -> None:
         load_yaml("a: 1\na: 2\n")
 
 
-def manifest_files() -> list[Path]:
-    files = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    assert files, "no manifests in k8s/"
+def manifest_files(folder: Path = K8S) -> list[Path]:
+    files = sorted(p for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert files, f"no manifests in {folder}"
     return files
 
 
-def rendered() -> str:
+def rendered(folder: Path = K8S) -> str:
     """`kubectl kustomize k8s/` (what `kubectl apply -k` sends), or standalone kustomize."""
     if shutil.which("kubectl"):
-        proc = run(["kubectl", "kustomize", str(K8S)])
+        proc = run(["kubectl", "kustomize", str(folder)])
     elif shutil.which("kustomize"):
-        proc = run(["kustomize", "build", str(K8S)])
+        proc = run(["kustomize", "build", str(folder)])
     else:
         pytest.fail("neither kubectl nor kustomize is on PATH: cannot render k8s/kustomization.yaml")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+# What k8s/README.md tells to uncomment in k8s/kustomization.yaml to run the materializer apart.
+COMPONENT_OFF = "# components:\n#   - materializer\n"
+COMPONENT_ON = "components:\n  - materializer\n"
+
+
+def with_materializer(dst: Path) -> Path:
+    """A copy of k8s/ at `dst`/k8s with the materializer component switched on as the README says."""
+    folder = dst / "k8s"
+    shutil.copytree(K8S, folder)
+    kustomization = folder / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count(COMPONENT_OFF) == 1, "k8s/kustomization.yaml lost its commented `components:`"
+    kustomization.write_text(text.replace(COMPONENT_OFF, COMPONENT_ON))
+    return folder
 
 
 def kubeconform(tools: dict[str, str], paths: list[str], stdin: str | None = None) -> dict:
@@ -165,6 +186,24 @@ def test_kustomize_output_validates(tools) -> None:
     problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
     assert not problems, json.dumps(problems, indent=2)
     assert report["summary"]["valid"] == 9 and report["summary"]["skipped"] == 2, report["summary"]
+
+
+@pytest.mark.tools
+def test_materializer_manifests_validate_against_kubernetes_schemas(tools) -> None:
+    report = kubeconform(tools, [str(p) for p in manifest_files(MATERIALIZER)])
+    problems = [r for r in report["resources"] if r["status"] != "statusValid"]
+    assert not problems, json.dumps(problems, indent=2)
+    assert report["returncode"] == 0
+    assert {r["kind"] for r in report["resources"]} == MATERIALIZER_KINDS
+
+
+@pytest.mark.tools
+def test_kustomize_output_with_the_materializer_validates(tools, tmp_path) -> None:
+    report = kubeconform(tools, ["-"], stdin=rendered(with_materializer(tmp_path)))
+    problems = [r for r in report["resources"] if r["status"] not in ("statusValid", "statusSkipped")]
+    assert not problems, json.dumps(problems, indent=2)
+    # The pipeline's 9, plus the Deployment, its metrics Service and two NetworkPolicies.
+    assert report["summary"]["valid"] == 13 and report["summary"]["skipped"] == 2, report["summary"]
 
 
 @pytest.mark.tools
@@ -305,6 +344,9 @@ def test_statefulset_wiring(resources) -> None:
     for key in SECRET_VARIABLES:
         assert key not in env and key not in config, key
     assert "Secret/cdc-pipeline-credentials" in resources
+    # By default the workers run the materializer (the component in k8s/materializer/ is off).
+    assert "CDC_MATERIALIZER" not in env and "CDC_MATERIALIZER" not in config
+    assert MATERIALIZER_POD not in resources
 
 
 @pytest.mark.tools
@@ -336,6 +378,155 @@ def test_recovery_volume_is_shared(resources) -> None:
     # One DLQ fallback file per process on the shared volume.
     assert env["CDC_DLQ_FALLBACK"]["value"] == "/data/dlq/$(POD_NAME).jsonl"
     assert list(env).index("POD_NAME") < list(env).index("CDC_DLQ_FALLBACK")
+
+
+# --- Kubernetes: the materializer run apart (k8s/materializer/, a kustomize component) ---------
+
+
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory) -> dict[str, dict]:
+    """`kubectl kustomize` of k8s/ with the materializer component switched on, by `kind/name`."""
+    docs = load_yaml(rendered(with_materializer(tmp_path_factory.mktemp("materializer"))))
+    found = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+    assert len(found) == len(docs)
+    return found
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes memory quantity in bytes (the binary and decimal suffixes the manifests use)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", text)
+    assert m, text
+    units = {None: 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    units |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def test_quantity_helper() -> None:
+    assert quantity("2Gi") == 2 * 2**30 and quantity("512Mi") == 2**29 and quantity("1G") == 1e9
+
+
+MATERIALIZE = ["python", "-m", "dataflow.cli", "materialize", "--follow", "--metrics-port", "3030"]
+
+
+@pytest.mark.tools
+def test_materializer_deployment_wiring(materialized) -> None:
+    deployment = materialized[MATERIALIZER_POD]
+    config = materialized["ConfigMap/cdc-pipeline-config"]["data"]
+    pod = deployment["spec"]["template"]["spec"]
+    pipeline_pod_spec = materialized[PIPELINE]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [pipeline] = pipeline_pod_spec["containers"]
+    # One at a time: two on one table are safe, but each does the other's work again.
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
+    # The pipeline's build (the base's `images:` rewrites both), settings and credentials.
+    assert container["image"] == pipeline["image"]
+    assert container["command"] == MATERIALIZE and "args" not in container
+    assert container["envFrom"] == pipeline["envFrom"] == [{"configMapRef": {"name": "cdc-pipeline-config"}}]
+    # The switch is for the pipeline only: the StatefulSet's env wins over the ConfigMap.
+    env = {e["name"]: e for e in container.get("env", [])}
+    pipeline_env = {e["name"]: e for e in pipeline["env"]}
+    assert pipeline_env["CDC_MATERIALIZER"] == {"name": "CDC_MATERIALIZER", "value": "off"}
+    assert "CDC_MATERIALIZER" not in env and "CDC_MATERIALIZER" not in config
+    assert config["CDC_TABLE_MODE"] in ("merge", "both")  # only merge tables have mirrors
+    for key in SECRET_VARIABLES:
+        assert key not in env, key
+    # Metrics on the port the command names; probes on it.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 3030}
+    assert container["command"][container["command"].index("--metrics-port") + 1] == str(ports["metrics"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    # Room for a MERGE's working memory.
+    resources = container["resources"]
+    assert quantity(resources["requests"]["memory"]) >= 2 * 2**30
+    assert quantity(resources["limits"]["memory"]) >= quantity(resources["requests"]["memory"])
+    assert resources["requests"]["cpu"] and resources["limits"]["cpu"]
+
+
+@pytest.mark.tools
+def test_materializer_pod_security(materialized) -> None:
+    """The StatefulSet's security context, and no volume but /tmp and the Secret (S3 only: no /data)."""
+    pod = materialized[MATERIALIZER_POD]["spec"]["template"]["spec"]
+    pipeline_pod_spec = materialized[PIPELINE]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [pipeline] = pipeline_pod_spec["containers"]
+    assert pod["securityContext"] == pipeline_pod_spec["securityContext"]
+    assert container["securityContext"] == pipeline["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert set(mounts) == {"/tmp", SECRET_MOUNT}, mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert {e["name"]: e["value"] for e in container["env"]} == {"HOME": "/tmp", "TMPDIR": "/tmp"}
+
+
+@pytest.mark.tools
+def test_materializer_metrics_are_scraped_under_the_pipeline_job(materialized) -> None:
+    """The ServiceMonitor scrapes the materializer's metrics Service, and its job label is the one
+    every alert selects on: the mirror alerts work whichever process runs the rounds."""
+    service = materialized["Service/cdc-materializer-metrics"]
+    monitor = materialized["ServiceMonitor/cdc-pipeline"]["spec"]
+    labels, ports = workload_pod(materialized, MATERIALIZER_POD)
+    pipeline_labels, _ = pipeline_pod(materialized)
+    selector = {"matchLabels": service["spec"]["selector"]}
+    assert selects(selector, labels) and not selects(selector, pipeline_labels)
+    pipeline_selector = {"matchLabels": materialized["Service/cdc-pipeline-metrics"]["spec"]["selector"]}
+    assert not selects(pipeline_selector, labels)
+    [port] = service["spec"]["ports"]
+    assert port["port"] == ports[port["targetPort"]] == 3030
+    assert selects(monitor["selector"], service["metadata"]["labels"])
+    assert [e["port"] for e in monitor["endpoints"]] == [port["name"]]
+    assert service["metadata"]["labels"][monitor["jobLabel"]] == "cdc-pipeline"
+    assert 'job="cdc-pipeline"' in ALERTS.read_text()
+
+
+@pytest.mark.tools
+def test_materializer_image_follows_the_base_images(tmp_path) -> None:
+    """`kustomize edit set image` in k8s/ (README, Deploy step 1) moves the materializer too."""
+    folder = with_materializer(tmp_path)
+    kustomization = folder / "kustomization.yaml"
+    text = kustomization.read_text()
+    changed = text.replace("newName: mongo-delta-cdc\n", "newName: images.example/data/mongo-delta-cdc\n")
+    changed = changed.replace("newTag: 0.1.0\n", "newTag: 9.9.9\n")
+    assert changed.count("images.example") == 1 and changed.count("9.9.9") == 1, text
+    kustomization.write_text(changed)
+    docs = {f"{d['kind']}/{d['metadata']['name']}": d for d in load_yaml(rendered(folder))}
+    images = {
+        key: [c["image"] for c in docs[key]["spec"]["template"]["spec"]["containers"]]
+        for key in (PIPELINE, MATERIALIZER_POD)
+    }
+    assert images == {key: ["images.example/data/mongo-delta-cdc:9.9.9"] for key in images}, images
+
+
+def test_materializer_component_lists_every_manifest() -> None:
+    [component] = load_yaml((MATERIALIZER / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    assert component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    assert sorted(component["resources"]) == [p.name for p in manifest_files(MATERIALIZER)]
+    # Off unless asked for: the base names it only in a comment.
+    [kustomization] = load_yaml((K8S / "kustomization.yaml").read_text())
+    assert "components" not in kustomization
+    assert (K8S / "kustomization.yaml").read_text().count(COMPONENT_OFF) == 1
+
+
+def test_materializer_switch_is_a_setting_the_pipeline_accepts(manifests) -> None:
+    """The value the component gives CDC_MATERIALIZER is one the settings take, and means "off"."""
+    from dataflow.runtime.settings import Settings
+
+    [component] = load_yaml((MATERIALIZER / "kustomization.yaml").read_text())
+    [patch] = [load_yaml(p["patch"])[0] for p in component["patches"]]
+    assert patch["kind"] == "StatefulSet" and patch["metadata"]["name"] == "cdc-pipeline"
+    [container] = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "pipeline"
+    [variable] = container["env"]
+    assert variable["name"] == "CDC_MATERIALIZER"
+    env = configmap_env(manifests)
+    assert Settings.from_env(env).lake.materializer == "embedded"
+    assert Settings.from_env({**env, "CDC_MATERIALIZER": variable["value"]}).lake.materializer == "off"
 
 
 # --- Kubernetes: secrets as files, TLS -------------------------------------------------
@@ -378,9 +569,20 @@ def test_secret_variables_are_read_by_the_pipeline() -> None:
             assert librdkafka_refusal({kafka_property(name): "x"}) is None, name
 
 
-def test_secret_files_are_mounted_read_only(manifests) -> None:
+@pytest.fixture(scope="module")
+def component_manifests(manifests) -> dict[str, dict]:
+    """The documents of k8s/*.yaml and k8s/materializer/*.yaml, by `kind/name`."""
+    docs = [doc for path in manifest_files(MATERIALIZER) for doc in load_yaml(path.read_text())]
+    found = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+    assert len(found) == len(docs) and not set(found) & set(manifests), "two manifests with one name"
+    return {**manifests, **found}
+
+
+@pytest.mark.parametrize("workload", [PIPELINE, MATERIALIZER_POD])
+def test_secret_files_are_mounted_read_only(component_manifests, workload) -> None:
+    manifests = component_manifests
     secret = manifests["Secret/cdc-pipeline-credentials"]
-    pod = manifests["StatefulSet/cdc-pipeline"]["spec"]["template"]["spec"]
+    pod = manifests[workload]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     [volume] = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
@@ -428,6 +630,15 @@ def test_configmap_speaks_tls(manifests) -> None:
         assert config[name] == f"{SECRET_MOUNT}/{key}" and "BEGIN CERTIFICATE" in secret[key], name
 
 
+def configmap_env(manifests: dict[str, dict]) -> dict[str, str]:
+    """The ConfigMap with each `<VARIABLE>_FILE` read (a placeholder: the key's name)."""
+    env = dict(manifests["ConfigMap/cdc-pipeline-config"]["data"])
+    for name in SECRET_VARIABLES:
+        env[name] = env.pop(f"{name}_FILE").rsplit("/", 1)[1]
+    env.pop("CDC_STORAGE_CA_FILE")  # a file that must exist: not for here
+    return env
+
+
 def test_configmap_is_a_configuration_the_pipeline_accepts(manifests) -> None:
     """The ConfigMap with each `<VARIABLE>_FILE` read (a placeholder) passes the pipeline's checks.
 
@@ -435,11 +646,7 @@ def test_configmap_is_a_configuration_the_pipeline_accepts(manifests) -> None:
     """
     from dataflow.runtime.settings import Settings
 
-    env = dict(manifests["ConfigMap/cdc-pipeline-config"]["data"])
-    for name in SECRET_VARIABLES:
-        env[name] = env.pop(f"{name}_FILE").rsplit("/", 1)[1]
-    env.pop("CDC_STORAGE_CA_FILE")  # a file that must exist: not for here
-    settings = Settings.from_env(env)
+    settings = Settings.from_env(configmap_env(manifests))
     assert settings.kafka.client_config == {
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -454,7 +661,8 @@ def test_configmap_is_a_configuration_the_pipeline_accepts(manifests) -> None:
 #
 # Port 2101 carries Bytewax's cluster traffic: unauthenticated pickles, so code execution
 # for whoever connects. Only the pipeline's own pods may reach it, only Prometheus may
-# reach the metrics on 3030, and nothing else reaches the pipeline pods.
+# reach the metrics on 3030, and nothing else reaches the pipeline pods. The materializer
+# run apart (k8s/materializer/) is reached by Prometheus only, and reaches DNS and S3 only.
 
 PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
 
@@ -485,16 +693,21 @@ def test_selects_helper() -> None:
     assert not selects({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, labels)
 
 
-def pipeline_pod(docs: dict[str, dict]) -> tuple[dict[str, str], dict[str, int]]:
-    """The pipeline pods' labels and their named container ports."""
-    template = docs["StatefulSet/cdc-pipeline"]["spec"]["template"]
+def workload_pod(docs: dict[str, dict], workload: str) -> tuple[dict[str, str], dict[str, int]]:
+    """The labels of a workload's pods and their named container ports."""
+    template = docs[workload]["spec"]["template"]
     [container] = template["spec"]["containers"]
     return template["metadata"]["labels"], {p["name"]: p["containerPort"] for p in container["ports"]}
 
 
-def policy_rules(docs: dict[str, dict], direction: str) -> list[dict]:
-    """The rules of every NetworkPolicy that selects the pipeline pods for `direction`."""
-    labels, _ = pipeline_pod(docs)
+def pipeline_pod(docs: dict[str, dict]) -> tuple[dict[str, str], dict[str, int]]:
+    """The pipeline pods' labels and their named container ports."""
+    return workload_pod(docs, PIPELINE)
+
+
+def policy_rules(docs: dict[str, dict], direction: str, workload: str = PIPELINE) -> list[dict]:
+    """The rules of every NetworkPolicy that selects the workload's pods for `direction`."""
+    labels, _ = workload_pod(docs, workload)
     rules, policies = [], 0
     for doc in docs.values():
         if doc["kind"] != "NetworkPolicy" or not selects(doc["spec"]["podSelector"], labels):
@@ -506,16 +719,18 @@ def policy_rules(docs: dict[str, dict], direction: str) -> list[dict]:
             assert "namespace" not in doc["metadata"], "a policy must live in the pods' namespace"
             policies += 1
             rules += spec.get(direction.lower()) or []
-    assert policies, f"no NetworkPolicy restricts {direction} of the pipeline pods"
+    assert policies, f"no NetworkPolicy restricts {direction} of the {workload} pods"
     return rules
 
 
-def allowed(docs: dict[str, dict], direction: str) -> dict[tuple[str, int], list[dict]]:
+def allowed(
+    docs: dict[str, dict], direction: str, workload: str = PIPELINE
+) -> dict[tuple[str, int], list[dict]]:
     """(protocol, port) -> the peers allowed there, over all rules. Refuses any-peer and any-port rules."""
-    _, named_ports = pipeline_pod(docs)
+    _, named_ports = workload_pod(docs, workload)
     peers_key = "from" if direction == "Ingress" else "to"
     found: dict[tuple[str, int], list[dict]] = {}
-    for rule in policy_rules(docs, direction):
+    for rule in policy_rules(docs, direction, workload):
         assert rule.get(peers_key), f"a rule open to every peer: {rule}"
         assert rule.get("ports"), f"a rule open on every port: {rule}"
         for port in rule["ports"]:
@@ -550,47 +765,85 @@ def check_ingress(docs: dict[str, dict]) -> None:
     assert set(found) == {comm, api}, f"ingress allowed on more than comm and api: {sorted(found)}"
     # 2101: only the pipeline's own pods (no namespaceSelector, no ipBlock).
     assert found[comm] and all(is_pipeline_peer(peer, labels) for peer in found[comm]), found[comm]
-    # 3030: only Prometheus pods, in one named namespace.
-    for peer in found[api]:
+    # ... and not the materializer's, when it runs apart.
+    if MATERIALIZER_POD in docs:
+        others, _ = workload_pod(docs, MATERIALIZER_POD)
+        assert not [p for p in found[comm] if selects(p["podSelector"], others)], found[comm]
+    check_prometheus_peers(found[api])
+
+
+def check_prometheus_peers(peers: list[dict]) -> None:
+    """Only Prometheus pods, in one named namespace."""
+    assert peers
+    for peer in peers:
         assert set(peer) == {"namespaceSelector", "podSelector"}, peer
         assert peer["podSelector"] == {"matchLabels": PROMETHEUS_POD}, peer
         assert peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name"), peer
-    assert found[api]
 
 
-def check_egress(docs: dict[str, dict]) -> None:
-    from urllib.parse import urlsplit
+def peer_namespace(peer: dict) -> str | None:
+    return (peer.get("namespaceSelector") or {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
 
-    labels, named_ports = pipeline_pod(docs)
-    config = docs["ConfigMap/cdc-pipeline-config"]["data"]
-    found = allowed(docs, "Egress")
 
-    def namespace(peer: dict) -> str | None:
-        return (peer.get("namespaceSelector") or {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
-
-    # DNS, to the cluster DNS pods.
+def check_dns(found: dict[tuple[str, int], list[dict]]) -> set[tuple[str, int]]:
+    """DNS, to the cluster DNS pods; the (protocol, port)s it takes."""
     for protocol in ("UDP", "TCP"):
         peers = found[(protocol, 53)]
         assert peers and all(
-            namespace(p) == "kube-system" and p["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+            peer_namespace(p) == "kube-system"
+            and p["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
             for p in peers
         ), peers
+    return {("UDP", 53), ("TCP", 53)}
+
+
+def check_service(found: dict[tuple[str, int], list[dict]], host: str, port: int) -> tuple[str, int]:
+    """A Service the ConfigMap names (<service>.<namespace>.svc[.cluster.local]): its namespace, its port."""
+    service_namespace = host.split(".")[1]
+    peers = found[("TCP", port)]
+    assert peers, (host, port)
+    assert all(set(p) == {"namespaceSelector"} and peer_namespace(p) == service_namespace for p in peers), (
+        peers
+    )
+    return ("TCP", port)
+
+
+def check_s3(found: dict[tuple[str, int], list[dict]], config: dict[str, str]) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    s3 = urlsplit(config["AWS_ENDPOINT_URL"])
+    assert s3.hostname
+    return check_service(found, s3.hostname, s3.port or (443 if s3.scheme == "https" else 80))
+
+
+def check_egress(docs: dict[str, dict]) -> None:
+    labels, named_ports = pipeline_pod(docs)
+    config = docs["ConfigMap/cdc-pipeline-config"]["data"]
+    found = allowed(docs, "Egress")
+    dns = check_dns(found)
     # The other processes of the cluster: without this it never forms.
     comm = ("TCP", named_ports["comm"])
     assert found[comm] and all(is_pipeline_peer(peer, labels) for peer in found[comm]), found[comm]
     # Kafka and S3: the ports and namespaces the ConfigMap's addresses name.
     kafka_host, _, kafka_port = config["CDC_KAFKA_BROKERS"].split(",")[0].rpartition(":")
-    s3 = urlsplit(config["AWS_ENDPOINT_URL"])
-    s3_port = s3.port or (443 if s3.scheme == "https" else 80)
-    for host, port in ((kafka_host, int(kafka_port)), (s3.hostname, s3_port)):
-        # <service>.<namespace>.svc[.cluster.local]
-        service_namespace = host.split(".")[1]
-        peers = found[("TCP", port)]
-        assert peers, (host, port)
-        assert all(set(p) == {"namespaceSelector"} and namespace(p) == service_namespace for p in peers), (
-            peers
-        )
-    expected = {("UDP", 53), ("TCP", 53), comm, ("TCP", int(kafka_port)), ("TCP", s3_port)}
+    kafka = check_service(found, kafka_host, int(kafka_port))
+    expected = dns | {comm, kafka, check_s3(found, config)}
+    assert set(found) == expected, sorted(found)
+
+
+def check_materializer_ingress(docs: dict[str, dict]) -> None:
+    _, named_ports = workload_pod(docs, MATERIALIZER_POD)
+    found = allowed(docs, "Ingress", MATERIALIZER_POD)
+    metrics = ("TCP", named_ports["metrics"])
+    assert metrics == ("TCP", 3030)
+    assert set(found) == {metrics}, f"ingress allowed on more than metrics: {sorted(found)}"
+    check_prometheus_peers(found[metrics])
+
+
+def check_materializer_egress(docs: dict[str, dict]) -> None:
+    """DNS and S3, nothing else: no Kafka, no Bytewax peers."""
+    found = allowed(docs, "Egress", MATERIALIZER_POD)
+    expected = check_dns(found) | {check_s3(found, docs["ConfigMap/cdc-pipeline-config"]["data"])}
     assert set(found) == expected, sorted(found)
 
 
@@ -602,10 +855,37 @@ def test_egress_of_the_pipeline_pods_is_only_dns_peers_kafka_and_s3(manifests) -
     check_egress(manifests)
 
 
+def test_ingress_to_the_materializer_is_only_prometheus(component_manifests) -> None:
+    check_materializer_ingress(component_manifests)
+
+
+def test_egress_of_the_materializer_is_only_dns_and_s3(component_manifests) -> None:
+    check_materializer_egress(component_manifests)
+
+
+def test_pipeline_policies_do_not_select_the_materializer(component_manifests) -> None:
+    """Its own two policies do: a pod selected by no policy of a direction is open in it."""
+    labels, _ = workload_pod(component_manifests, MATERIALIZER_POD)
+    chosen = sorted(
+        name
+        for name, doc in component_manifests.items()
+        if doc["kind"] == "NetworkPolicy" and selects(doc["spec"]["podSelector"], labels)
+    )
+    assert chosen == ["NetworkPolicy/cdc-materializer-egress", "NetworkPolicy/cdc-materializer-ingress"]
+
+
 @pytest.mark.tools
 def test_network_policies_after_kustomize(resources) -> None:
     check_ingress(resources)
     check_egress(resources)
+
+
+@pytest.mark.tools
+def test_network_policies_with_the_materializer_after_kustomize(materialized) -> None:
+    check_ingress(materialized)
+    check_egress(materialized)
+    check_materializer_ingress(materialized)
+    check_materializer_egress(materialized)
 
 
 def test_network_policy_checks_refuse_an_open_policy(manifests) -> None:
@@ -628,6 +908,36 @@ def test_network_policy_checks_refuse_an_open_policy(manifests) -> None:
     anywhere["NetworkPolicy/cdc-pipeline-ingress"]["spec"]["ingress"][1].pop("from")
     with pytest.raises(AssertionError, match="every peer"):
         check_ingress(anywhere)
+
+
+def test_network_policy_checks_refuse_an_open_materializer(component_manifests) -> None:
+    """A control: the materializer let onto the cluster port, given Kafka, or left without a policy."""
+    import copy
+
+    # A selector that still requires both labels (is_pipeline_peer accepts it) but takes both components.
+    shared = copy.deepcopy(component_manifests)
+    [comm_rule, _] = shared["NetworkPolicy/cdc-pipeline-ingress"]["spec"]["ingress"]
+    comm_rule["from"][0]["podSelector"] = {
+        "matchLabels": {"app.kubernetes.io/name": "cdc-pipeline"},
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["dataflow", "materializer"]}
+        ],
+    }
+    with pytest.raises(AssertionError):
+        check_ingress(shared)
+    kafka = copy.deepcopy(component_manifests)
+    [pipeline_kafka] = [
+        r
+        for r in kafka["NetworkPolicy/cdc-pipeline-egress"]["spec"]["egress"]
+        if r["ports"][0]["port"] == 9093
+    ]
+    kafka["NetworkPolicy/cdc-materializer-egress"]["spec"]["egress"].append(pipeline_kafka)
+    with pytest.raises(AssertionError, match="9093"):
+        check_materializer_egress(kafka)
+    unguarded = copy.deepcopy(component_manifests)
+    del unguarded["NetworkPolicy/cdc-materializer-ingress"]
+    with pytest.raises(AssertionError, match="no NetworkPolicy restricts Ingress"):
+        check_materializer_ingress(unguarded)
 
 
 def k8s_expand(text: str, env: dict[str, str]) -> str:
@@ -960,15 +1270,15 @@ def test_pinned_helper() -> None:
 
 
 @pytest.mark.tools
-def test_every_image_is_pinned(compose, resources) -> None:
+def test_every_image_is_pinned(compose, resources, materialized) -> None:
     images = {f"compose {n}": s["image"] for n, s in compose["services"].items() if "image" in s}
     assert not [n for n, s in compose["services"].items() if "image" not in s], "a service without image"
-    for key, res in resources.items():
+    for key, res in [*resources.items(), *materialized.items()]:
         pod = res.get("spec", {}).get("template", {}).get("spec")
         for container in (pod or {}).get("containers", []) + (pod or {}).get("initContainers", []):
             images[f"k8s {key} {container['name']}"] = container["image"]
     # The raw files too (what `kubectl apply -f` would send, without kustomize's images:).
-    for path in manifest_files():
+    for path in manifest_files() + manifest_files(MATERIALIZER):
         for doc in load_yaml(path.read_text()):
             pod = doc.get("spec", {}).get("template", {}).get("spec") or {}
             for container in pod.get("containers", []) + pod.get("initContainers", []):
