@@ -513,6 +513,17 @@ def test_materializer_component_lists_every_manifest() -> None:
     assert (K8S / "kustomization.yaml").read_text().count(COMPONENT_OFF) == 1
 
 
+def test_materializer_command_is_one_the_cli_takes() -> None:
+    """The Deployment's command, through `python -m dataflow.cli`'s own parser."""
+    from dataflow import cli
+
+    [deployment] = load_yaml((MATERIALIZER / "deployment.yaml").read_text())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == MATERIALIZE
+    args = cli.parser().parse_args(MATERIALIZE[3:])
+    assert (args.command, args.follow, args.metrics_port) == ("materialize", True, 3030)
+
+
 def test_materializer_switch_is_a_setting_the_pipeline_accepts(manifests) -> None:
     """The value the component gives CDC_MATERIALIZER is one the settings take, and means "off"."""
     from dataflow.runtime.settings import Settings
