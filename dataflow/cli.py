@@ -223,6 +223,7 @@ def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
         round_rows=lake.mirror_round_rows,
         tombstone_retention_s=lake.tombstone_retention_hours * 3600,
         startup=tables,
+        stop_flow_on_error=False,
     )
     m.start()
     try:

@@ -67,12 +67,13 @@ def cli(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.Complete
 def lake_env(
     brokers: str, s3_env: dict[str, str], topics: list[str], bucket: str, tmp_path: Path, **extra: str
 ) -> dict[str, str]:
-    """A pipeline that reads `topics` into `s3://<bucket>/lake` in both modes, with recovery in tmp_path."""
+    """A pipeline that reads `topics` into `s3://<bucket>/lake` in merge mode (changelogs and mirrors),
+    with recovery in tmp_path."""
     settings = dict(
         CDC_KAFKA_BROKERS=brokers,
         CDC_TOPICS=",".join(topics),
         CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
+        CDC_TABLE_MODE="merge",
         CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
         CDC_RECOVERY_DIR=str(tmp_path / "recovery"),
         CDC_BATCH_MAX_ROWS="4000",

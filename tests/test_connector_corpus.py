@@ -75,7 +75,7 @@ def _run(case: dict[str, Any], tmp_path: Path, batch_rows: int) -> Path:
     env = pipeline_env(
         CDC_SAMPLE_PATH=str(sample),
         CDC_LAKE_URI=str(lake),
-        CDC_TABLE_MODE="both",
+        CDC_TABLE_MODE="merge",
         CDC_FORMAT=case["format"],
         CDC_RECOVERY_DIR="off",
         CDC_DLQ_FALLBACK=str(tmp_path / "dlq.jsonl"),
@@ -172,7 +172,7 @@ def test_connector_output_through_kafka_and_minio(kafka, s3, tmp_path: Path) -> 
         CDC_KAFKA_BROKERS=kafka.bootstrap,
         CDC_TOPICS=",".join(topics),
         CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
+        CDC_TABLE_MODE="merge",
         CDC_FORMAT="auto",
         CDC_DLQ_TOPIC=dlq_topic,
         CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),

@@ -1230,7 +1230,7 @@ def test_the_lake_policy_lets_the_pipeline_run_and_nothing_more(s3, tmp_path) ->
     run_pipeline(
         pipeline_env(
             CDC_LAKE_URI=f"s3://{bucket}/cdc",
-            CDC_TABLE_MODE="both",
+            CDC_TABLE_MODE="merge",
             CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
             **user_env,
         )

@@ -240,7 +240,7 @@ def test_drop_database_drops_the_tables_the_lake_has(tmp_path: Path) -> None:
         env = pipeline_env(
             CDC_SAMPLE_PATH=str(sample),
             CDC_LAKE_URI=str(lake),
-            CDC_TABLE_MODE="both",
+            CDC_TABLE_MODE="merge",
             CDC_RECOVERY_DIR="off",
             CDC_DLQ_FALLBACK=str(tmp_path / "dlq.jsonl"),
         )

@@ -9,6 +9,7 @@ the changelog after its mark) must equal it at every moment.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -335,6 +336,41 @@ def test_a_null_set_by_a_partial_update_reaches_the_mirror(lake) -> None:
     assert row["_set"] == ["n"] and row["_removed"] == [] and row["_source_topic"] == TOPIC
 
 
+def test_the_materializer_thread_catches_up_and_hands_over_what_stops_it(lake) -> None:
+    from dataflow.runtime.failures import ConfigError
+    from dataflow.runtime.retry import RetryPolicy
+    from dataflow.sink.materializer import Materializer
+
+    t = TableLocations(lake)
+    log = changelog(lake)
+    log.write([ev(f"d{i}", doc={"n": i}, offset=i) for i in range(5)])
+    m = Materializer(
+        t,
+        pipeline="cdc",
+        storage_options=None,
+        retry=RetryPolicy(initial=0.01, cap=0.05),
+        round_rows=2,
+        tombstone_retention_s=3600,
+        startup=lambda: [(DB, COLL)],  # a table with a backlog at start, before any batch
+        stop_flow_on_error=False,
+    )
+    m.start()
+    m.drain(timeout=60)
+    assert len(docs(lake)) == 5 and len(m.rounds) == 1  # one changelog version: one round
+    log.write([ev("d0", "delete", offset=5)])
+    m.notify(DB, COLL)
+    m.drain(timeout=60)
+    assert len(docs(lake)) == 4
+    # A mirror location holding an append-mode table is a configuration error: it stops.
+    DeltaTableWriter(t.uri(DB, "other", "merge"), mode="append").write([ev("x", offset=0)])
+    DeltaTableWriter(t.uri(DB, "other", "append"), mode="append").write([ev("x", offset=0)])
+    m.notify(DB, "other")
+    with pytest.raises(ConfigError, match="append-mode table"):
+        m.drain(timeout=60)
+    with pytest.raises(ConfigError):
+        m.stop()
+
+
 # ------------------------------------------------------------------ the README's SQL
 
 
@@ -374,3 +410,73 @@ def test_the_readmes_sql_reads_what_a_fresh_read_reads(lake) -> None:
     got = {r[0]: r[1] for r in duckdb.sql(f"SELECT _id, n FROM ({sql.rstrip().rstrip(';')})").fetchall()}
     want = {d["_id"]: d.get("n") for d in current_documents(lake, DB, COLL).values()}
     assert got == want and len(got) > 3
+
+
+# ------------------------------------------------------------------ during a run
+
+
+@pytest.mark.integration
+def test_a_fresh_read_during_a_run_equals_what_the_changelog_has_committed(kafka, s3, tmp_path) -> None:
+    """`cdc read` while changes stream in and the mirror trails: it equals the changes the
+    changelog held at some version between just before and just after the read, folded by
+    an independent model."""
+    import orjson
+
+    from dataflow.decode.extjson import dumps
+    from dataflow.lake.changelog import Changelog
+    from services.generate import Generator, produce
+    from tests.harness import PipelineProcess, cli, lake_env
+
+    gen = Generator(
+        collections=1, prefix=f"fresh{tmp_path.name[-6:]}", seed=13, doc_bytes=200, partial_ratio=0.4
+    )
+    messages = list(gen.messages(24_000))
+    kafka.create_topics(gen.topics, partitions=2)
+    bucket = s3.bucket("fresh")
+    env = lake_env(
+        kafka.bootstrap, s3.env, gen.topics, bucket, tmp_path, CDC_STOP_AT_END="0", CDC_BATCH_MAX_ROWS="500"
+    )
+    coll, so = gen.names[0], s3.storage_options
+    changelog_uri = f"s3://{bucket}/lake/_changelog/{gen.db}/{coll}"
+
+    def version() -> int:
+        try:
+            return DeltaTable(changelog_uri, storage_options=so).version()
+        except Exception:
+            return -1
+
+    def model_at(v: int) -> dict[str, Any]:
+        events = Changelog(changelog_uri, gen.db, coll, so).events(0, v)
+        events.sort(key=lambda e: (e.partition, e.offset))  # a document's changes are on one partition
+        return {i: orjson.loads(dumps({"_id": i, **d})) for i, d in model(events).items()}
+
+    p = PipelineProcess(env, tmp_path / "pipeline.log")
+    producer = threading.Thread(
+        target=lambda: [
+            produce(kafka.bootstrap, iter(messages[i : i + 1000])) or time.sleep(0.5)
+            for i in range(0, len(messages), 1000)
+        ]
+    )
+    producer.start()
+    reads, behind = [], 0
+    deadline = time.monotonic() + 240
+    try:
+        while len(reads) < 6 and time.monotonic() < deadline:
+            before = version()
+            if before < 1:
+                time.sleep(0.5)
+                continue
+            out = cli(env, "read", f"{gen.db}.{coll}").stdout
+            after = version()
+            got = {d["_id"]: d for d in map(orjson.loads, out.splitlines())}
+            assert any(got == model_at(v) for v in range(before, after + 1)), (before, after)
+            lag = orjson.loads(cli(env, "status", "--json").stdout)
+            behind += any(t["mirror"]["changes_behind"] > 0 for t in lag if "mirror" in t)
+            reads.append(len(got))
+            time.sleep(2)
+    finally:
+        producer.join()
+        p.kill(signal.SIGTERM)
+        assert p.wait(120) == 0, p.tail()
+    assert len(reads) == 6 and reads[-1] > reads[0], reads
+    print(f"\n{len(reads)} fresh reads of {reads} documents, {behind} while the mirror trailed its changelog")

@@ -52,7 +52,7 @@ def _event(db: str, coll: str, i: int) -> ChangeEvent:
 def test_a_table_for_each_name_on_a_local_lake(db: str, coll: str, tmp_path: Path) -> None:
     assert check_namespace(db, coll) is None
     lake = str(tmp_path / "lake")
-    uri = TableLocations(lake, "both").uri(db, coll, "merge")
+    uri = TableLocations(lake, "merge").uri(db, coll, "merge")
     w = DeltaTableWriter(uri, mode="merge")
     assert w.write([_event(db, coll, 0)]).committed
     assert w.write([_event(db, coll, 1)]).committed  # opened again at the path it was created at

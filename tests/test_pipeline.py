@@ -58,7 +58,7 @@ def test_50k_events_match_an_independent_model_and_a_rerun_changes_nothing(kafka
         CDC_KAFKA_BROKERS=kafka.bootstrap,
         CDC_TOPICS=",".join(gen.topics),
         CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
+        CDC_TABLE_MODE="merge",
         CDC_DLQ_TOPIC=dlq_topic,
         CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
         CDC_BATCH_MAX_ROWS="5000",
@@ -111,7 +111,7 @@ def test_a_field_that_changes_type_lands_every_event(kafka, s3, tmp_path) -> Non
         CDC_KAFKA_BROKERS=kafka.bootstrap,
         CDC_TOPICS=",".join(gen.topics),
         CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
+        CDC_TABLE_MODE="merge",
         CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
         CDC_BATCH_MAX_ROWS="300",  # many batches, so the type changes between commits too
         **s3.env,

@@ -78,7 +78,7 @@ def test_50k_events_over_sasl_ssl_and_https_with_secrets_from_files(
         tmp_path,
         CDC_TOPICS=",".join(gen.topics),
         CDC_LAKE_URI=f"s3://{bucket}/lake",
-        CDC_TABLE_MODE="both",
+        CDC_TABLE_MODE="merge",
         CDC_DLQ_TOPIC=dlq_topic,
         CDC_DLQ_FALLBACK=str(tmp_path / "fallback.jsonl"),
         CDC_BATCH_MAX_ROWS="5000",

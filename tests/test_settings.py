@@ -56,10 +56,14 @@ def test_secrets_stay_out_of_repr() -> None:
     assert "very-secret-value" not in repr(s)
 
 
-def test_table_paths_are_safe_and_both_mode_separates_the_changelog() -> None:
-    s = Settings.from_env({"CDC_LAKE_URI": "/lake", "CDC_TABLE_MODE": "both"})
-    assert s.lake.tables.uri("shop", "orders", "merge") == "/lake/shop/orders"
-    assert s.lake.tables.uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
+def test_table_paths_are_safe_and_merge_mode_separates_the_changelog() -> None:
+    for mode in ("merge", "both"):  # `both`: merge mode's older name
+        t = Settings.from_env({"CDC_LAKE_URI": "/lake", "CDC_TABLE_MODE": mode}).lake.tables
+        assert t.uri("shop", "orders", "merge") == "/lake/shop/orders"
+        assert t.uri("shop", "orders", "append") == "/lake/_changelog/shop/orders"
+    append = Settings.from_env({"CDC_LAKE_URI": "/lake", "CDC_TABLE_MODE": "append"}).lake.tables
+    assert append.uri("shop", "orders", "append") == "/lake/shop/orders" and not append.merge
+    s = Settings.from_env({"CDC_LAKE_URI": "/lake"})
     assert s.lake.tables.uri("shop", "a/b", "merge") == "/lake/shop/a~2Fb"
     assert s.lake.tables.uri("shop", "..", "merge") == "/lake/shop/~2E."
     assert s.lake.tables.uri("shop", "a.b", "merge") == "/lake/shop/a.b"
@@ -277,7 +281,7 @@ def test_each_component_gets_its_share() -> None:
         "CDC_TOPICS": "a,b",
         "CDC_KAFKA_SASL_PASSWORD": "hunter2-value",
         "CDC_START_FROM": "beginning",
-        "CDC_TABLE_MODE": "both",
+        "CDC_TABLE_MODE": "merge",
         "CDC_LAKE_URI": "/lake",
         "CDC_BATCH_MAX_OPEN_ROWS": "1000",
         "CDC_RETRY_MAX_ATTEMPTS": "3",

@@ -9,8 +9,10 @@ name hashes to its worker: a mirror a crash left behind catches up even if its
 collection sees no new change.
 
 Storage outages are waited out under the commit retry policy and the breaker.
-Anything else stops the dataflow: the error is raised at the worker's next
-hand-off to the sink, and the changes stay in the changelog for the next start.
+Anything else stops the dataflow, even one that receives nothing more: the
+thread requests a shutdown, the input ends, and the sink raises the error as it
+closes (or at its next hand-off, whichever comes first). The changes stay in
+the changelog for the next start.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from dataflow.lake.layout import TableLocations
 from dataflow.lake.mirror import Mirror, Round
 from dataflow.lake.writer import DeltaTableWriter
+from dataflow.runtime import shutdown
 from dataflow.runtime.failures import describe
 from dataflow.runtime.metrics import (
     MIRROR_LAG_CHANGES,
@@ -59,6 +62,7 @@ class Materializer:
         tombstone_retention_s: float,
         startup: Callable[[], list[Table]] = list,
         idle_seconds: float = 1.0,
+        stop_flow_on_error: bool = True,
     ) -> None:
         self.tables = tables
         self.pipeline = pipeline
@@ -68,6 +72,7 @@ class Materializer:
         self.round_rows = round_rows
         self.tombstone_retention_s = tombstone_retention_s
         self.idle_seconds = idle_seconds
+        self.stop_flow_on_error = stop_flow_on_error  # inside the pipeline: end its input too
         self._startup = startup
         self._mirrors: dict[Table, Mirror] = {}
         self._dirty: dict[Table, None] = {}  # ordered set: tables that may have changes to apply
@@ -180,6 +185,8 @@ class Materializer:
                 self._error = e
                 self._busy = False
                 self._cond.notify_all()
+            if self.stop_flow_on_error:
+                shutdown.request("after a materializer failure")
 
     def _one(self, table: Table) -> bool:
         """One round for `table`; whether there may be more to apply."""

@@ -94,7 +94,7 @@ class CommitPolicy:
         stats = self.stats[batch.table]
         stats.events += len(batch.events)
         first = batch.events[0]
-        self._commit(self.writer(first), batch.events, stats, "append", True)
+        self._commit(self.writer(first), batch.events, stats)
         if self.on_commit is not None:
             self.on_commit(first.db, first.collection)
         self._export_lag()
@@ -109,9 +109,7 @@ class CommitPolicy:
             CHECKPOINT_FAILURES.labels(events[0].table).inc()
             raise
 
-    def _commit(
-        self, writer: DeltaTableWriter, events: list[ChangeEvent], stats: TableStats, mode: str, primary: bool
-    ) -> None:
+    def _commit(self, writer: DeltaTableWriter, events: list[ChangeEvent], stats: TableStats) -> None:
         table = events[0].table
         log.info(
             "commit begin %s: %d events", writer.uri, len(events), extra={"table": table, "rows": len(events)}
@@ -133,7 +131,7 @@ class CommitPolicy:
                     extra={"table": table},
                 )
                 raise
-            self._bisect(writer, events, stats, mode, exc, primary)
+            self._bisect(writer, events, stats, exc)
             return
         elapsed = time.monotonic() - started
         log.info(
@@ -144,25 +142,21 @@ class CommitPolicy:
             result.skipped,
             extra={"table": table, "version": result.version, "rows": result.rows_written},
         )
-        self._record(result, events, stats, mode, primary, elapsed)
+        self._record(result, events, stats, elapsed)
 
     def _record(
         self,
         result: WriteResult,
         events: list[ChangeEvent],
         stats: TableStats,
-        mode: str,
-        primary: bool,
         elapsed: float,
     ) -> None:
         table = events[0].table
-        COMMIT_DURATION.labels(table, mode).observe(elapsed)
+        COMMIT_DURATION.labels(table, "append").observe(elapsed)  # every commit is to a changelog
         if result.committed:
-            COMMITS.labels(table, mode).inc()
+            COMMITS.labels(table, "append").inc()
             stats.commits += 1
         stats.version = result.version
-        if not primary:
-            return
         stats.written += result.rows_written
         stats.skipped += result.skipped
         for (topic, partition), offset in result.offsets.items():
@@ -180,9 +174,7 @@ class CommitPolicy:
         writer: DeltaTableWriter,
         events: list[ChangeEvent],
         stats: TableStats,
-        mode: str,
         exc: Exception,
-        primary: bool,
     ) -> None:
         """Halve a refused batch, in order, until the refused events are alone; dead-letter those.
 
@@ -193,7 +185,7 @@ class CommitPolicy:
         if len(events) > 1:
             mid = len(events) // 2
             for half in (events[:mid], events[mid:]):
-                self._commit(writer, half, stats, mode, primary)
+                self._commit(writer, half, stats)
             return
         ev = events[0]
         reason = exc.reason if isinstance(exc, BadData) else Reason.DELTA_WRITE_ERROR
@@ -207,7 +199,7 @@ class CommitPolicy:
             extra={"table": ev.table, "topic": ev.topic, "partition": ev.partition, "offset": ev.offset},
         )
         stats.dead_lettered += 1
-        self.dlq.write([dead_letter_for(ev, reason, exc, mode)])
+        self.dlq.write([dead_letter_for(ev, reason, exc, writer.mode)])
 
     def _export_lag(self) -> None:
         """`cdc_checkpoint_lag_offsets`: how far the recorded offsets trail the partitions' ends."""
