@@ -304,14 +304,8 @@ def _change_of(e: ChangeEvent) -> dict[str, Any] | None:
 
 
 _SOURCES = ("_source_topic", "_source_partition", "_source_offset")
-_PATCH_META = (
-    "_seq",
-    "_op",
-    "_ts",
-    "_deleted",
-    "_deleted_at",
-    *_SOURCES,
-)  # what a patch sets beside its fields
+# what a patch sets beside its fields
+_PATCH_META = ("_seq", "_op", "_ts", "_deleted", "_deleted_at", *_SOURCES)
 _SAME_SOURCE = "t.`_source_topic` = s.`_source_topic` AND t.`_source_partition` = s.`_source_partition`"
 # Whether a change may overwrite the stored row. From the row's own partition, a later offset
 # always may (Kafka's order is the source's; a crash's re-reads are filtered by the txn versions
