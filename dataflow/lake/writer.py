@@ -16,6 +16,7 @@ row per event with its source coordinates. Type decisions: `dataflow.lake.column
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, Field, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -698,15 +700,38 @@ class DeltaTableWriter:
     def _all_new(self, dt: DeltaTable | None, rows: list[_Row]) -> bool:
         """Whether no row's key is in the table, so appending equals merging (an initial snapshot).
 
-        Checked only when the table is empty or every row is an insert: keys are
-        looked up in one read of the `_key` column, cheap beside a MERGE.
+        Checked only when the table is empty or every row is an insert. Only the
+        files whose `_key` range (from the log's statistics) holds one of the keys
+        are read; ObjectId keys grow with time, so new documents usually fall past
+        every file and nothing is read at all.
         """
         if dt is None or not dt.file_uris():
             return True
         if any(r.op != "insert" for r in rows):
             return False
-        stored = dt.to_pyarrow_dataset().to_table(columns=["_key"]).column("_key")
-        return not pc.any(pc.is_in(stored, pa.array([r.key for r in rows], pa.string()))).as_py()
+        keys = sorted(r.key for r in rows)
+        stats = pa.table(dt.get_add_actions(flatten=True))
+        names = stats.column_names
+        lows = stats.column("min._key").to_pylist() if "min._key" in names else [None] * len(stats)
+        highs = stats.column("max._key").to_pylist() if "max._key" in names else [None] * len(stats)
+        wanted = set()
+        for path, low, high in zip(stats.column("path").to_pylist(), lows, highs, strict=True):
+            if low is None or high is None:
+                wanted.add(path)
+                continue
+            i = bisect.bisect_left(keys, low)
+            # a truncated maximum is a prefix of the real one: past it by one highest character
+            if i < len(keys) and keys[i] <= high + "\U0010ffff":
+                wanted.add(path)
+        if not wanted:
+            return True
+        ds = dt.to_pyarrow_dataset()
+        parts = [f for f in ds.get_fragments() if f.path in wanted or f.path.rsplit("/", 1)[-1] in wanted]
+        if len(parts) < len(wanted):  # paths we could not match: read them all
+            parts = list(ds.get_fragments())
+        sub = pads.FileSystemDataset(parts, ds.schema, ds.format, ds.filesystem)
+        stored = sub.to_table(columns=["_key"]).column("_key")
+        return not pc.any(pc.is_in(stored, pa.array(keys, pa.string()))).as_py()
 
     def _stored(self, dt: DeltaTable | None, layout: Layout, events: list[ChangeEvent]) -> Stored:
         """The stored fields that this batch's updates inside fields start from, read in one scan."""
