@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -15,6 +16,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, SchemaMismatchError
 from minio.error import S3Error
 
+from dataflow.lake.changelog import Changelog
 from dataflow.lake.columns import to_json_bytes
 from dataflow.lake.storage import s3_client
 from dataflow.lake.writer import DeltaTableWriter
@@ -101,6 +103,14 @@ def test_classes_of_real_failures(tmp_path) -> None:
     assert isinstance(schema, SchemaMismatchError) and classify(schema) is Kind.BUG
     cast = raised(lambda: write_deltalake(str(tmp_path / "plain"), pa.table({"a": ["x"]}), mode="append"))
     assert classify(cast) is Kind.BUG
+    # A changelog file gone from under the change feed: waiting will not bring it back.
+    log = DeltaTableWriter(str(tmp_path / "log"), mode="append")
+    log.write([ev("1", doc={"a": 1}, offset=1)])
+    log.write([ev("2", doc={"a": 1}, offset=2)])
+    for uri in DeltaTable(str(tmp_path / "log")).file_uris():
+        os.remove(uri.removeprefix("file://"))
+    feed = raised(lambda: Changelog(str(tmp_path / "log"), "shop", "orders").events(1, 2))
+    assert isinstance(feed, pa.ArrowException) and classify(feed) is Kind.BUG
     # A table that vanished under us is not an outage to wait out.
     shutil.rmtree(tmp_path / "plain")
     gone = raised(lambda: DeltaTable(str(tmp_path / "plain")))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
+import pyarrow as pa
 from circuitbreaker import CircuitBreakerError
 from confluent_kafka import KafkaError, KafkaException
 from deltalake.exceptions import (
@@ -71,6 +72,7 @@ _STORE_TEXT = re.compile(
     r"reset by peer|service unavailable|slow ?down|\b50[234]\b|Generic S3 error",
     re.IGNORECASE,
 )
+_MISSING_TEXT = re.compile(r"not found|no such file", re.IGNORECASE)
 # minio-py (table listing at start, the bucket probe, the CLI) names S3's error codes.
 _S3_CODES = {
     **dict.fromkeys(
@@ -139,6 +141,10 @@ def classify(exc: BaseException) -> Kind:
         return Kind.UNAVAILABLE
     if type(exc) is DeltaError and _STORE_TEXT.search(str(exc)):
         return Kind.UNAVAILABLE
+    if isinstance(exc, pa.ArrowException) and _STORE_TEXT.search(str(exc)):
+        # A stream delta-rs hands to pyarrow (the change feed) failed in the store. A file of
+        # the table that is not there will not come back by waiting.
+        return Kind.BUG if _MISSING_TEXT.search(str(exc)) else Kind.UNAVAILABLE
     return Kind.BUG
 
 
