@@ -22,11 +22,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dataflow.lake.changelog import Changelog, Version
 from dataflow.lake.writer import DeltaTableWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_ROUND_ROWS = 250_000
 
@@ -79,6 +81,7 @@ class Mirror:
         max_rows: int = DEFAULT_ROUND_ROWS,
         target_changelog: Callable[[str, str], DeltaTableWriter] | None = None,
         clock: Callable[[], float] = time.time,
+        read: Callable[[Callable[[], T], str], T] | None = None,
     ) -> None:
         self.table = f"{db}.{collection}"
         self.changelog = Changelog(changelog_uri, db, collection, storage_options)
@@ -92,9 +95,12 @@ class Mirror:
         self.app = mark_app(pipeline)
         self.max_rows = max_rows
         self.clock = clock
+        # How each read of the round is made: under the caller's retry policy, so that a read
+        # that fails in the store is tried again alone, not the whole round with it.
+        self._read = read if read is not None else (lambda fn, _operation: fn())
 
     def applied(self) -> int:
-        v = self.writer.applied(self.app)
+        v = self._read(lambda: self.writer.applied(self.app), "mirror_mark")
         return -1 if v is None else v
 
     def lag(self) -> Lag:
@@ -111,7 +117,7 @@ class Mirror:
         """Apply the next round of changelog versions; None when the mirror is caught up."""
         started = time.monotonic()
         applied = self.applied()
-        pending, latest = self.changelog.pending(applied)
+        pending, latest = self._read(lambda: self.changelog.pending(applied), "changelog_feed")
         if not pending:
             if latest > applied and self.writer.version is not None:
                 self.writer.apply([], (self.app, latest))  # commits without rows: only the mark moves
@@ -133,8 +139,9 @@ class Mirror:
             rows,
             extra={"table": self.table, "rows": rows},
         )
-        events = self.changelog.events(first, last)
-        result = self.writer.apply(events, (self.app, last), kinds=self.changelog.layout())
+        events = self._read(lambda: self.changelog.events(first, last), "changelog_feed")
+        kinds = self._read(self.changelog.layout, "changelog_feed")
+        result = self.writer.apply(events, (self.app, last), kinds=kinds)
         metrics = self.writer.last_merge if result.committed else {}
         self.writer.last_merge = {}
         rewritten = int(metrics.get("num_output_rows", 0) or 0)

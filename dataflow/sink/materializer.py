@@ -139,6 +139,7 @@ class Materializer:
                 storage_options=self.storage_options,
                 max_rows=self.round_rows,
                 target_changelog=self._changelog,
+                read=lambda fn, operation: self.retry.call(fn, operation=operation, breaker=self.breaker),
             )
         return self._mirrors[key]
 
