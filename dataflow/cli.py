@@ -108,14 +108,16 @@ def mirror_status(uri: str, table: Any, settings: Settings) -> dict[str, Any]:
 
 
 def rows_of(table: Any, *, deleted: bool) -> int:
-    """Rows of a mirror that are tombstones (`deleted`) or documents."""
+    """Rows of a mirror that are tombstones (`deleted`) or documents (-1: a table without tombstones)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    from deltalake import QueryBuilder
 
     if "_deleted" not in pa.schema(table.schema().to_arrow()).names:
         return -1
-    col = table.to_pyarrow_dataset().to_table(columns=["_deleted"]).column("_deleted")
-    return int(pc.sum(pc.equal(pc.fill_null(col, False), deleted)).as_py() or 0)
+    which = "" if deleted else "NOT "
+    query = QueryBuilder().register("mirror", table)
+    found = query.execute(f"SELECT count(*) FROM mirror WHERE {which}coalesce(`_deleted`, false)")
+    return int(pa.RecordBatchReader.from_stream(found).read_all().column(0)[0].as_py())
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -589,5 +591,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `cdc` command: `main`, then out without the interpreter's teardown.
+
+    After reading tables on S3 through pyarrow, the teardown of its and delta-rs'
+    threads can abort the process ("terminate called without an active
+    exception") and turn a finished command's exit code into 134.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

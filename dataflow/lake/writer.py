@@ -16,7 +16,6 @@ row per event with its source coordinates. Type decisions: `dataflow.lake.column
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -25,8 +24,15 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-from deltalake import CommitProperties, DeltaTable, Field, Transaction, WriterProperties, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    Field,
+    QueryBuilder,
+    Transaction,
+    WriterProperties,
+    write_deltalake,
+)
 from deltalake.exceptions import TableNotFoundError
 
 from dataflow.decode.updates import Update
@@ -700,38 +706,22 @@ class DeltaTableWriter:
     def _all_new(self, dt: DeltaTable | None, rows: list[_Row]) -> bool:
         """Whether no row's key is in the table, so appending equals merging (an initial snapshot).
 
-        Checked only when the table is empty or every row is an insert. Only the
-        files whose `_key` range (from the log's statistics) holds one of the keys
-        are read; ObjectId keys grow with time, so new documents usually fall past
-        every file and nothing is read at all.
+        Checked only when the table is empty or every row is an insert. The keys
+        stored within the round's key range are read by delta-rs' own query engine,
+        which skips every file whose `_key` statistics lie outside it: ObjectId keys
+        grow with time, so new documents usually fall past every file and nothing is
+        read at all.
         """
         if dt is None or not dt.file_uris():
             return True
         if any(r.op != "insert" for r in rows):
             return False
-        keys = sorted(r.key for r in rows)
-        stats = pa.table(dt.get_add_actions(flatten=True))
-        names = stats.column_names
-        lows = stats.column("min._key").to_pylist() if "min._key" in names else [None] * len(stats)
-        highs = stats.column("max._key").to_pylist() if "max._key" in names else [None] * len(stats)
-        wanted = set()
-        for path, low, high in zip(stats.column("path").to_pylist(), lows, highs, strict=True):
-            if low is None or high is None:
-                wanted.add(path)
-                continue
-            i = bisect.bisect_left(keys, low)
-            # a truncated maximum is a prefix of the real one: past it by one highest character
-            if i < len(keys) and keys[i] <= high + "\U0010ffff":
-                wanted.add(path)
-        if not wanted:
-            return True
-        ds = dt.to_pyarrow_dataset()
-        parts = [f for f in ds.get_fragments() if f.path in wanted or f.path.rsplit("/", 1)[-1] in wanted]
-        if len(parts) < len(wanted):  # paths we could not match: read them all
-            parts = list(ds.get_fragments())
-        sub = pads.FileSystemDataset(parts, ds.schema, ds.format, ds.filesystem)
-        stored = sub.to_table(columns=["_key"]).column("_key")
-        return not pc.any(pc.is_in(stored, pa.array(keys, pa.string()))).as_py()
+        keys = pa.array(sorted(r.key for r in rows), pa.string())
+        low, high = _sql_text(keys[0].as_py()), _sql_text(keys[-1].as_py())
+        query = QueryBuilder().register("mirror", dt)
+        found = query.execute(f"SELECT `_key` FROM mirror WHERE `_key` >= {low} AND `_key` <= {high}")
+        stored = pa.RecordBatchReader.from_stream(found).read_all().column(0).cast(pa.string())
+        return not pc.any(pc.is_in(stored, keys)).as_py()
 
     def _stored(self, dt: DeltaTable | None, layout: Layout, events: list[ChangeEvent]) -> Stored:
         """The stored fields that this batch's updates inside fields start from, read in one scan."""
