@@ -73,16 +73,18 @@ def pipeline_rows(config: dict[str, Any]) -> str:
 
 
 KEPT = "## Measured decisions"
+TABLE_SIZE = "## Table size"  # written by `python -m bench.table_size`, just above `KEPT`
 
 
 def kept_section(path: Path) -> str:
-    """The hand-kept part of RESULTS.md (from `KEPT` on): the figures behind the code's defaults.
+    """The part of RESULTS.md this run keeps: from `TABLE_SIZE` (or `KEPT`) on.
 
-    A run rewrites the tables above it and keeps this part as it is.
+    `KEPT` is kept by hand: the figures behind the code's defaults. `TABLE_SIZE`
+    is another benchmark's. A run rewrites the tables above them and keeps them as they are.
     """
     text = path.read_text() if path.exists() else ""
-    at = text.find(KEPT)
-    return "" if at < 0 else "\n" + text[at:].rstrip() + "\n"
+    found = [at for at in (text.find(TABLE_SIZE + "\n"), text.find(KEPT)) if at >= 0]
+    return "" if not found else "\n" + text[min(found) :].rstrip() + "\n"
 
 
 def markdown(results: dict[str, Any]) -> str:
