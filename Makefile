@@ -53,11 +53,22 @@ demo: $(VENV)/.installed
 
 EVENTS ?= 1000000
 BENCH_ARGS ?=
+# The table-size run after it: tables of each TABLE_SWEEP size (and TABLE_DOCS), TABLE_UPDATES changes
+# each; TABLE_SIZE=0 skips it.
+TABLE_SIZE ?= 1
+TABLE_DOCS ?= 5000000
+TABLE_UPDATES ?= 1000000
+TABLE_SWEEP ?= 250000,1000000,5000000
+TABLE_SIZE_ARGS ?=
 
-## bench: floor vs hand-written baseline vs this pipeline, and latency; EVENTS=..., BENCH_ARGS=...
+## bench: floor vs hand-written baseline vs this pipeline, and latency; EVENTS=..., BENCH_ARGS=...;
+## then merge mode against the table size (bench/table_size.py); TABLE_DOCS, TABLE_UPDATES, TABLE_SWEEP
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench --events $(EVENTS) $(BENCH_ARGS)
+	@if [ "$(TABLE_SIZE)" != 0 ]; then \
+	  $(PY) -m bench.table_size --docs $(TABLE_DOCS) --updates $(TABLE_UPDATES) --sweep $(TABLE_SWEEP) \
+	    $(TABLE_SIZE_ARGS); fi
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache
