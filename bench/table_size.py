@@ -12,7 +12,7 @@ Measured per mode, from the bench process (polled once a second, so to the
 second): when the changelog has recorded the last offset of every partition
 (the txn versions `<pipeline>:<topic>:<partition>`), for the seed and for all
 events; in merge mode when the mirror has caught up (`Mirror.lag().changes`
-reaches 0) and the mirror lag (`Mirror.lag()`) sampled once a second while the
+reaches 0) and the mirror lag (`Mirror.lag()`'s figures) sampled once a second while the
 updates go into the changelog; the peak RSS of the pipeline process; and, from
 the pipeline's own log lines of each materializer round, the materializer
 seconds per change. Rates count from the start of the process (start-up of a
@@ -38,6 +38,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -59,9 +60,10 @@ from bench.__main__ import commit, machine
 from bench.measure import Running, delta_rows, list_files
 from bench.stack import ROOT, Stack, pipeline_commands
 from bench.stack import started as stack_started
+from dataflow.lake.changelog import Version
 from dataflow.lake.columns import Layout
 from dataflow.lake.documents import column_values, live
-from dataflow.lake.mirror import Mirror
+from dataflow.lake.mirror import Lag, Mirror
 from dataflow.source.topics import create_topics
 from services.generate import WORDS, Generator, Message, ObjectId, ext
 
@@ -281,6 +283,64 @@ class Offsets:
         return out
 
 
+def machine_busy() -> float:
+    """CPU seconds every CPU has spent busy since boot (not idle, not waiting for I/O)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit_s: float, busy_below: float = 0.35, window_s: float = 3.0) -> dict[str, float] | None:
+    """Wait (at most `limit_s`) until the CPUs were less than `busy_below` busy over `window_s`.
+
+    The machine may be shared; a run beside someone else's work measures both.
+    Returns how long it waited and how busy the CPUs were last, None when `limit_s` is 0.
+    """
+    if limit_s <= 0:
+        return None
+    started = time.monotonic()
+    cpus = os.cpu_count() or 1
+    while True:
+        before = machine_busy()
+        time.sleep(window_s)
+        share = (machine_busy() - before) / (window_s * cpus)
+        waited = time.monotonic() - started
+        if share < busy_below or waited >= limit_s:
+            if share >= busy_below:
+                log.warning(
+                    "the CPUs are still %.0f%% busy after %.0f s: running anyway", share * 100, waited
+                )
+            return {"waited_s": round(waited, 1), "busy_share": round(share, 2)}
+
+
+class LagProbe:
+    """`Mirror.lag()`, with the changelog's versions remembered between calls.
+
+    `Mirror.lag()` reads the change feed of every version past the mirror's
+    mark at each call, so its cost grows with the lag; sampled once a second
+    from this process, that read would compete with the pipeline for the CPUs
+    just when the lag is large. Versions never change once committed, so this
+    reads only the versions it has not seen, and computes the lag from the same
+    figures (`Changelog.pending`, `Mirror._lag`) as `Mirror.lag()` does.
+    """
+
+    def __init__(self, mirror: Mirror) -> None:
+        self.mirror = mirror
+        self.known: dict[int, Version] = {}
+        self.seen = -1
+
+    def lag(self) -> Lag:
+        applied = self.mirror.applied()
+        new, latest = self.mirror.changelog.pending(max(applied, self.seen))
+        for v in new:
+            self.known[v.version] = v
+        self.seen = max(self.seen, latest)
+        for k in [k for k in self.known if k <= applied]:
+            del self.known[k]
+        return self.mirror._lag(applied, sorted(self.known.values(), key=lambda v: v.version))
+
+
 def _reached(recorded: dict[int, int], target: dict[int, int]) -> bool:
     return all(recorded.get(p, -1) >= off for p, off in target.items())
 
@@ -328,6 +388,7 @@ def run_mode(
     seed_last: dict[int, int],
     all_last: dict[int, int],
     timeout: float,
+    wait_s: float = 0.0,
 ) -> dict[str, Any]:
     name = f"ts{col.docs}-{mode}"
     topic = col.topic
@@ -343,13 +404,23 @@ def run_mode(
     changelog_uri = f"{lake}/_changelog/{DB}/{COLLECTION}" if mode == "merge" else f"{lake}/{DB}/{COLLECTION}"
     mirror_uri = f"{lake}/{DB}/{COLLECTION}"
     offsets = Offsets(changelog_uri, stack.storage_options, name, topic)
-    mirror = (
-        Mirror(
-            changelog_uri, mirror_uri, DB, COLLECTION, pipeline=name, storage_options=stack.storage_options
+    probe = (
+        LagProbe(
+            Mirror(
+                changelog_uri,
+                mirror_uri,
+                DB,
+                COLLECTION,
+                pipeline=name,
+                storage_options=stack.storage_options,
+            )
         )
         if mode == "merge"
         else None
     )
+    quiet = wait_quiet(wait_s)
+    busy0 = machine_busy()
+    load0 = os.getloadavg()[0]
     running = Running(commands, stack.tmp / name / "logs", ROOT)
     t0, wall0 = running.started, time.time()
     deadline = t0 + timeout
@@ -366,19 +437,23 @@ def run_mode(
                 marks["changelog_seed_s"] = now
             if "changelog_s" not in marks and _reached(rec, all_last):
                 marks["changelog_s"] = now
-            if mirror is not None and "changelog_seed_s" in marks:
+            if probe is not None and "changelog_seed_s" in marks:
                 started = time.monotonic()
-                lag = mirror.lag()
-                samples.append(
-                    {
-                        "t": round(now, 2),
-                        "changes": lag.changes,
-                        "seconds": round(lag.seconds, 2),
-                        "versions": lag.versions,
-                        "applied": lag.applied,
-                        "call_s": round(time.monotonic() - started, 3),
-                    }
-                )
+                lag = probe.lag()
+                sample = {
+                    "t": round(now, 2),
+                    "changes": lag.changes,
+                    "seconds": round(lag.seconds, 2),
+                    "versions": lag.versions,
+                    "applied": lag.applied,
+                    "call_s": round(time.monotonic() - started, 3),
+                }
+                if len(samples) % 20 == 0:  # now and then, what Mirror.lag() itself costs at this lag
+                    started = time.monotonic()
+                    full = probe.mirror.lag()
+                    sample["mirror_lag_call_s"] = round(time.monotonic() - started, 3)
+                    sample["mirror_lag_changes"] = full.changes
+                samples.append(sample)
                 if "changelog_s" in marks and lag.changes == 0 and "caught_up_s" not in marks:
                     marks["caught_up_s"] = now
         except Exception as e:  # a poll racing a commit: the next one sees it
@@ -386,12 +461,18 @@ def run_mode(
             log.debug("poll failed: %s", e)
 
     next_poll = t0 + 1.0
-    while running.alive() and time.monotonic() < deadline:
-        if time.monotonic() >= next_poll:
-            poll()
-            next_poll = max(next_poll + 1.0, time.monotonic() + 0.2)
-        time.sleep(0.05)
+    try:
+        while running.alive() and time.monotonic() < deadline:
+            if time.monotonic() >= next_poll:
+                poll()
+                next_poll = max(next_poll + 1.0, time.monotonic() + 0.2)
+            time.sleep(0.05)
+    except BaseException:  # ^C or an error here: leave no pipeline behind
+        running.signal(signal.SIGKILL)
+        running.wait(timeout)
+        raise
     run = running.wait(timeout)
+    busy = machine_busy() - busy0
     poll()  # after the exit: a mark the last second missed counts at the exit
     for k in ("changelog_seed_s", "changelog_s", "caught_up_s"):
         if k in marks:
@@ -407,6 +488,11 @@ def run_mode(
         "rss_timeline_mib": proc.rss_timeline,
         "marks_s": {k: round(v, 2) for k, v in marks.items()},
         "poll_errors": poll_errors,
+        # What else ran: every CPU's busy seconds during the run (Kafka, MinIO, this bench and
+        # anything else on the machine included) beside the pipeline's own CPU seconds.
+        "machine_busy_cpu_s": round(busy, 1),
+        "load_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "waited_for_quiet": quiet,
         "log": proc.log,
         "started_at": wall0,
     }
@@ -417,7 +503,7 @@ def run_mode(
     files = list_files(stack.s3(), stack.bucket, name)
     out["lake_data_mib"] = round(files.data_bytes / 2**20, 1)
     out["lake_data_files"] = files.data_files
-    if mirror is not None:
+    if probe is not None:
         out["lag_samples"] = samples
         rounds = rounds_of(proc.log)
         for r in rounds:
@@ -525,6 +611,14 @@ def figures(size: dict[str, Any]) -> None:
             "p50": percentile([s["call_s"] for s in r["lag_samples"]], 50),
             "max": max((s["call_s"] for s in r["lag_samples"]), default=None),
         }
+        # Mirror.lag() itself, now and then: (changes behind, seconds the call took)
+        full = [
+            (s["mirror_lag_changes"], s["mirror_lag_call_s"])
+            for s in r["lag_samples"]
+            if "mirror_lag_call_s" in s
+        ]
+        r["mirror_lag_calls"] = full
+        r["mirror_lag_call_max"] = max(full, key=lambda x: x[1], default=None)
         rounds = r["rounds"]
         merges = [x for x in rounds if not x["appended"]]
         appends = [x for x in rounds if x["appended"]]
@@ -633,15 +727,19 @@ def markdown(results: dict[str, Any]) -> str:
         "start-up included); times are polled once a second.",
         "- changelog = until the changelog has recorded every partition's last offset; updates = the update "
         "events over the time from the seed being recorded to that; caught up = until `Mirror.lag().changes` "
-        "is 0 after that (append mode: the changelog is the table). Lag = `Mirror.lag()` sampled once a second "
-        "while the updates go into the changelog (a backlog run: the pipeline reads as fast as it can, so the "
+        "is 0 after that (append mode: the changelog is the table). Lag = `Mirror.lag()`'s figures sampled once a "
+        "second (reading only the changelog versions not seen before: `LagProbe`) while the updates go into the "
+        "changelog (a backlog run: the pipeline reads as fast as it can, so the "
         "lag is how far the materializer falls behind ingest, not a steady-state latency).",
+        "- CPU s = the pipeline's; machine busy CPU s = all CPUs' busy seconds during the run (Kafka, MinIO, "
+        "the bench's polling and anything else running included): well above CPU s means the pipeline shared "
+        "the machine.",
         "- Materializer cost = seconds of the MERGE rounds (from the pipeline's round log lines) / changes they "
         "applied; seed rounds that only append are apart.",
         "",
         "| docs | mode | changelog ev/s | seed ev/s | update ev/s | caught up ev/s | wall s | CPU s "
-        "| peak RSS MiB | lake MiB | mirror check |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| machine busy CPU s | peak RSS MiB | lake MiB | mirror check |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for s in results["sizes"]:
         for r in s["runs"]:
@@ -653,6 +751,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {s['docs']:,} | {r['mode']} | {_f(r.get('changelog_events_per_s'))} | "
                 f"{_f(r.get('seed_events_per_s'))} | {_f(r.get('update_events_per_s'))} | "
                 f"{_f(r.get('caught_up_events_per_s'))} | {_f(r['wall_s'], 1)} | {_f(r['cpu_s'], 1)} | "
+                f"{_f(r.get('machine_busy_cpu_s'), 1)} | "
                 f"{_f(r['peak_rss_mib'])} | {_f(r.get('lake_data_mib'))} | {ok} |"
             )
     lines += [
@@ -754,7 +853,7 @@ def run_size(stack: Stack, docs: int, args: argparse.Namespace) -> dict[str, Any
     )
     for mode in args.modes:
         log.info("%s docs: running %s mode ...", f"{docs:,}", mode)
-        r = run_mode(stack, col, mode, seeded.last, updates.last, args.timeout)
+        r = run_mode(stack, col, mode, seeded.last, updates.last, args.timeout, args.wait_quiet)
         size["runs"].append(r)
         rows_ok = r["changelog_rows"] == size["events"]
         check: dict[str, Any] = {"changelog_rows": r["changelog_rows"], "expected_rows": size["events"]}
@@ -796,6 +895,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="append,merge", help="comma list: append, merge")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per pipeline run")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each pipeline run, wait up to this many seconds for the machine's CPUs to be mostly idle",
+    )
     parser.add_argument("--keep-lakes", action="store_true", help="keep each run's lake (disk!)")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
