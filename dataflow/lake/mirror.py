@@ -146,14 +146,17 @@ class Mirror:
         self.writer.last_merge = {}
         rewritten = int(metrics.get("num_output_rows", 0) or 0)
         appended = result.committed and not metrics and result.rows_written > 0
-        rest = pending[len(take) :]
+        seconds = time.monotonic() - started
+        # What is left now, not what was left when the round began: the sink goes on committing
+        # to the changelog during the round, and a busy table's rounds take everything pending.
+        rest, _ = self.changelog.pending(last)
         return Round(
             first=first,
             last=last,
             changes=len(events),
             rows_written=result.rows_written,
             rows_rewritten=rewritten if not appended else result.rows_written,
-            seconds=time.monotonic() - started,
+            seconds=seconds,
             appended=appended,
             lag=self._lag(last, rest),
         )
