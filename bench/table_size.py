@@ -291,7 +291,7 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_quiet(limit_s: float, busy_below: float = 0.35, window_s: float = 3.0) -> dict[str, float] | None:
+def wait_quiet(limit_s: float, busy_below: float = 0.2, window_s: float = 5.0) -> dict[str, float] | None:
     """Wait (at most `limit_s`) until the CPUs were less than `busy_below` busy over `window_s`.
 
     The machine may be shared; a run beside someone else's work measures both.
@@ -901,6 +901,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="before each pipeline run, wait up to this many seconds for the machine's CPUs to be mostly idle",
     )
+    parser.add_argument(
+        "--carry-from",
+        type=Path,
+        help="an earlier result JSON: its sizes that this run does not measure are reported beside, marked",
+    )
     parser.add_argument("--keep-lakes", action="store_true", help="keep each run's lake (disk!)")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     parser.add_argument("--markdown", type=Path, default=BENCH / "RESULTS.md")
@@ -950,6 +955,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["total_s"] = round(time.monotonic() - started, 1)
+    if args.carry_from is not None:
+        earlier = orjson.loads(args.carry_from.read_bytes())
+        for s in earlier["sizes"]:
+            if s["docs"] not in sizes:
+                s["carried_from"] = {
+                    "date": earlier["date"],
+                    "commit": earlier.get("commit"),
+                    "file": args.carry_from.name,
+                }
+                results["sizes"].append(s)
+                results["notes"].append(
+                    f"{s['docs']:,} docs: from the run of {earlier['date']} (commit `{earlier.get('commit')}`, "
+                    f"`{args.carry_from.name}`), not measured again in this one."
+                )
+        results["sizes"].sort(key=lambda s: s["docs"])
     results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     args.results.mkdir(parents=True, exist_ok=True)
