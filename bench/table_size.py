@@ -20,6 +20,10 @@ few seconds included). Then the mirror is compared with a model of the
 collection built from the generated changes, every live document field by
 field, and its tombstones counted.
 
+`--modes append,merge,merge-split` adds a third run: merge mode with the
+materializer in a process of its own (`cdc materialize --follow` beside the
+pipeline started with `CDC_MATERIALIZER=off`; stopped once caught up).
+
 Tombstones are kept for the run (`CDC_TOMBSTONE_RETENTION_HOURS` far out): the
 generated changes are dated months back, and a purge of all of them would
 otherwise land in the catch-up time.
@@ -78,6 +82,10 @@ FIELDS = ("sku", "name", "qty", "price", "active", "city", "ver", "status")
 DELETE_SHARE, PARTIAL_SHARE = 0.10, 0.30
 # Bytes a change event takes on disk, with room: Kafka (zstd) + two changelogs + mirror rewrites.
 DISK_PER_EVENT = 1500
+# merge-split: `cdc materialize --follow` beside a pipeline run with CDC_MATERIALIZER=off
+SPLIT_MATERIALIZER = (
+    sys.executable, "-m", "dataflow.cli", "materialize", "--follow", "--interval", "1", "--metrics-port", "0",
+)  # fmt: skip
 ROUND = re.compile(
     r"mirror (?P<table>\S+): changelog versions (?P<first>\d+)\.\.(?P<last>\d+), (?P<changes>\d+) changes, "
     r"(?P<rows>\d+) rows (?P<how>appended|rewritten) in (?P<seconds>[\d.]+)s; (?P<behind>\d+) changes behind"
@@ -392,7 +400,8 @@ def run_mode(
 ) -> dict[str, Any]:
     name = f"ts{col.docs}-{mode}"
     topic = col.topic
-    commands = pipeline_commands(stack, name, [topic], mode=mode)
+    merge = mode != "append"
+    commands = pipeline_commands(stack, name, [topic], mode="merge" if merge else "append")
     for _, env in commands:
         env |= {
             "CDC_LOG_LEVEL": "INFO",  # the materializer's round lines
@@ -400,8 +409,11 @@ def run_mode(
             "CDC_PIPELINE_NAME": name,
             "CDC_TOMBSTONE_RETENTION_HOURS": "1000000",
         }
+    if mode == "merge-split":  # the materializer in a process of its own, started beside the pipeline
+        env = commands[0][1] | {"CDC_MATERIALIZER": "off"}
+        commands = [(commands[0][0], env), ([*SPLIT_MATERIALIZER], env)]
     lake = stack.lake(name)
-    changelog_uri = f"{lake}/_changelog/{DB}/{COLLECTION}" if mode == "merge" else f"{lake}/{DB}/{COLLECTION}"
+    changelog_uri = f"{lake}/_changelog/{DB}/{COLLECTION}" if merge else f"{lake}/{DB}/{COLLECTION}"
     mirror_uri = f"{lake}/{DB}/{COLLECTION}"
     offsets = Offsets(changelog_uri, stack.storage_options, name, topic)
     probe = (
@@ -415,7 +427,7 @@ def run_mode(
                 storage_options=stack.storage_options,
             )
         )
-        if mode == "merge"
+        if merge
         else None
     )
     quiet = wait_quiet(wait_s)
@@ -456,6 +468,9 @@ def run_mode(
                 samples.append(sample)
                 if "changelog_s" in marks and lag.changes == 0 and "caught_up_s" not in marks:
                     marks["caught_up_s"] = now
+                    if mode == "merge-split":  # `cdc materialize --follow` runs until stopped
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(running.popens[1].pid, signal.SIGTERM)
         except Exception as e:  # a poll racing a commit: the next one sees it
             poll_errors += 1
             log.debug("poll failed: %s", e)
@@ -478,13 +493,18 @@ def run_mode(
         if k in marks:
             marks[k] = min(marks[k], run.wall_s)
     proc = run.procs[0]
+    ok = run.ok
+    if mode == "merge-split":  # the materializer ends by the SIGTERM sent once caught up
+        ok = proc.rc == 0 and not proc.timed_out and run.procs[1].rc in (0, -signal.SIGTERM)
     out: dict[str, Any] = {
         "mode": mode,
-        "ok": run.ok,
+        "ok": ok,
         "rc": proc.rc,
         "wall_s": round(run.wall_s, 2),
         "cpu_s": round(run.cpu_s, 2),
         "peak_rss_mib": round(run.peak_rss_mib, 1),
+        "peak_rss_mib_each": [round(p.peak_rss_mib, 1) for p in run.procs],
+        "cpu_s_each": [round(p.cpu_s, 1) for p in run.procs],
         "rss_timeline_mib": proc.rss_timeline,
         "marks_s": {k: round(v, 2) for k, v in marks.items()},
         "poll_errors": poll_errors,
@@ -496,7 +516,7 @@ def run_mode(
         "log": proc.log,
         "started_at": wall0,
     }
-    if not run.ok:
+    if not ok:
         out["error"] = "timed out" if proc.timed_out else f"exit {proc.rc}"
         out["log_tail"] = "\n".join(Path(proc.log).read_text(errors="replace").splitlines()[-20:])
     out["changelog_rows"] = delta_rows(changelog_uri, stack.storage_options)
@@ -505,7 +525,7 @@ def run_mode(
     out["lake_data_files"] = files.data_files
     if probe is not None:
         out["lag_samples"] = samples
-        rounds = rounds_of(proc.log)
+        rounds = rounds_of(run.procs[-1].log)
         for r in rounds:
             r["at"] = round(r["at"] - wall0, 2)
         out["rounds"] = rounds
@@ -591,12 +611,12 @@ def figures(size: dict[str, Any]) -> None:
     for r in runs.values():
         m = r["marks_s"]
         cl, cl_seed = m.get("changelog_s"), m.get("changelog_seed_s")
-        done = m.get("caught_up_s") if r["mode"] == "merge" else cl
+        done = m.get("caught_up_s") if r["mode"] != "append" else cl
         r["changelog_events_per_s"] = round(n / cl, 1) if cl else None
         r["seed_events_per_s"] = round(seed / cl_seed, 1) if cl_seed else None
         r["update_events_per_s"] = round(u / (cl - cl_seed), 1) if cl and cl_seed and cl > cl_seed else None
         r["caught_up_events_per_s"] = round(n / done, 1) if done else None
-        if r["mode"] != "merge":
+        if r["mode"] == "append":
             continue
         window = [
             s for s in r["lag_samples"] if cl_seed is not None and cl is not None and cl_seed <= s["t"] <= cl
@@ -644,12 +664,16 @@ def figures(size: dict[str, Any]) -> None:
         s["us_per_change"] = (
             round((s["appended_s"] + s["merged_s"]) / total_changes * 1e6, 1) if total_changes else None
         )
-    a, m = runs.get("append"), runs.get("merge")
-    if a and m:
-        size["ratios"] = {
-            "changelog": _ratio(m.get("changelog_events_per_s"), a.get("changelog_events_per_s")),
-            "caught_up": _ratio(m.get("caught_up_events_per_s"), a.get("caught_up_events_per_s")),
-        }
+    a = runs.get("append")
+    for mode, m in runs.items():
+        if a and mode != "append":
+            ratios = {
+                "changelog": _ratio(m.get("changelog_events_per_s"), a.get("changelog_events_per_s")),
+                "caught_up": _ratio(m.get("caught_up_events_per_s"), a.get("caught_up_events_per_s")),
+            }
+            m["ratios"] = ratios
+            if mode == "merge":
+                size["ratios"] = ratios
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:
@@ -756,32 +780,19 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Merge mode's mirror:",
+        "Merge mode's mirror (merge-split: the same with the materializer in a process of its own, "
+        "`cdc materialize --follow`, and `CDC_MATERIALIZER=off` in the pipeline; RSS and CPU are then both "
+        "processes'):",
         "",
-        "| docs | merge/append changelog | merge/append caught up | lag p50 / p99 s | lag p50 / p99 changes "
+        "| docs | mode | vs append: changelog | vs append: caught up | lag p50 / p99 s | lag p50 / p99 changes "
         "| lag when the changelog was done | catch-up after s | merge rounds | median round changes "
         "| median round s | rows rewritten / change | us / change (merges) | us / change (all rounds) |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for s in results["sizes"]:
-        r = next((x for x in s["runs"] if x["mode"] == "merge"), None)
-        if r is None:
-            continue
-        rs = r.get("rounds_summary", {})
-        ratios = s.get("ratios") or {}
-        at = r.get("lag_at_changelog_done")
-        mk = r["marks_s"]
-        at_text = "–" if at is None else f"{at['changes']:,} changes, {at['seconds']:.0f} s"
-        after = mk["caught_up_s"] - mk["changelog_s"] if "caught_up_s" in mk and "changelog_s" in mk else None
-        lines.append(
-            f"| {s['docs']:,} | {_x(ratios.get('changelog')) or '–'} | {_x(ratios.get('caught_up')) or '–'} | "
-            f"{_f(r.get('lag_p50_s'), 1)} / {_f(r.get('lag_p99_s'), 1)} | "
-            f"{_f(r.get('lag_p50_changes'))} / {_f(r.get('lag_p99_changes'))} | "
-            f"{at_text} | {_f(after, 1)} | "
-            f"{_f(rs.get('merged'))} | {_f(rs.get('median_merge_changes'))} | {_f(rs.get('median_merge_s'), 1)} | "
-            f"{_f(rs.get('rewritten_per_change'), 1)} | {_f(rs.get('us_per_merged_change'), 1)} | "
-            f"{_f(rs.get('us_per_change'), 1)} |"
-        )
+        for r in s["runs"]:
+            if r["mode"] != "append":
+                lines.append(_mirror_row(s, r))
     lines += ["", "| target | measured | |", "|---|--:|---|"]
     for t in results["targets"]:
         met = "not measured" if t["met"] is None else ("met" if t["met"] else "**not met**")
@@ -789,6 +800,25 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("notes"):
         lines += ["", *[f"- {n}" for n in results["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def _mirror_row(s: dict[str, Any], r: dict[str, Any]) -> str:
+    rs = r.get("rounds_summary", {})
+    ratios = r.get("ratios") or s.get("ratios") or {}
+    at = r.get("lag_at_changelog_done")
+    mk = r["marks_s"]
+    at_text = "–" if at is None else f"{at['changes']:,} changes, {at['seconds']:.0f} s"
+    after = mk["caught_up_s"] - mk["changelog_s"] if "caught_up_s" in mk and "changelog_s" in mk else None
+    return (
+        f"| {s['docs']:,} | {r['mode']} | {_x(ratios.get('changelog')) or '–'} | "
+        f"{_x(ratios.get('caught_up')) or '–'} | "
+        f"{_f(r.get('lag_p50_s'), 1)} / {_f(r.get('lag_p99_s'), 1)} | "
+        f"{_f(r.get('lag_p50_changes'))} / {_f(r.get('lag_p99_changes'))} | "
+        f"{at_text} | {_f(after, 1)} | "
+        f"{_f(rs.get('merged'))} | {_f(rs.get('median_merge_changes'))} | {_f(rs.get('median_merge_s'), 1)} | "
+        f"{_f(rs.get('rewritten_per_change'), 1)} | {_f(rs.get('us_per_merged_change'), 1)} | "
+        f"{_f(rs.get('us_per_change'), 1)} |"
+    )
 
 
 def write_section(path: Path, section: str) -> None:
@@ -857,7 +887,7 @@ def run_size(stack: Stack, docs: int, args: argparse.Namespace) -> dict[str, Any
         size["runs"].append(r)
         rows_ok = r["changelog_rows"] == size["events"]
         check: dict[str, Any] = {"changelog_rows": r["changelog_rows"], "expected_rows": size["events"]}
-        if mode == "merge" and r["ok"]:
+        if mode != "append" and r["ok"]:
             started = time.monotonic()
             check |= check_mirror(r["mirror_uri"], stack.storage_options, col)
             check["check_s"] = round(time.monotonic() - started, 1)
@@ -892,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", default="", help="comma list of table sizes (documents); --docs is always one of them"
     )
-    parser.add_argument("--modes", default="append,merge", help="comma list: append, merge")
+    parser.add_argument("--modes", default="append,merge", help="comma list: append, merge, merge-split")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per pipeline run")
     parser.add_argument(
@@ -912,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = sorted({args.docs, *(int(x.replace("_", "")) for x in args.sweep.split(",") if x.strip())})
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if bad := [m for m in args.modes if m not in ("append", "merge")]:
+    if bad := [m for m in args.modes if m not in ("append", "merge", "merge-split")]:
         parser.error(f"unknown modes {bad}")
     if any(s < 10 or s >= 1 << 24 for s in sizes):
         parser.error("sizes from 10 to 16,777,215 documents")
@@ -959,15 +989,14 @@ def main(argv: list[str] | None = None) -> int:
         earlier = orjson.loads(args.carry_from.read_bytes())
         for s in earlier["sizes"]:
             if s["docs"] not in sizes:
-                s["carried_from"] = {
-                    "date": earlier["date"],
-                    "commit": earlier.get("commit"),
-                    "file": args.carry_from.name,
-                }
+                origin = s.setdefault(  # a size the earlier run carried keeps its own origin
+                    "carried_from",
+                    {"date": earlier["date"], "commit": earlier.get("commit"), "file": args.carry_from.name},
+                )
                 results["sizes"].append(s)
                 results["notes"].append(
-                    f"{s['docs']:,} docs: from the run of {earlier['date']} (commit `{earlier.get('commit')}`, "
-                    f"`{args.carry_from.name}`), not measured again in this one."
+                    f"{s['docs']:,} docs: from the run of {origin['date']} (commit `{origin['commit']}`, "
+                    f"`{origin['file']}`), not measured again in this one."
                 )
         results["sizes"].sort(key=lambda s: s["docs"])
     results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
