@@ -149,7 +149,7 @@ class Mirror:
         seconds = time.monotonic() - started
         # What is left now, not what was left when the round began: the sink goes on committing
         # to the changelog during the round, and a busy table's rounds take everything pending.
-        rest, _ = self.changelog.pending(last)
+        rest, _ = self._read(lambda: self.changelog.pending(last), "changelog_feed")
         return Round(
             first=first,
             last=last,
