@@ -781,8 +781,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Merge mode's mirror (merge-split: the same with the materializer in a process of its own, "
-        "`cdc materialize --follow`, and `CDC_MATERIALIZER=off` in the pipeline; RSS and CPU are then both "
-        "processes'):",
+        "`cdc materialize --follow`, and `CDC_MATERIALIZER=off` in the pipeline; its CPU s is both processes' together, its peak RSS the "
+        "larger one's):",
         "",
         "| docs | mode | vs append: changelog | vs append: caught up | lag p50 / p99 s | lag p50 / p99 changes "
         "| lag when the changelog was done | catch-up after s | merge rounds | median round changes "
