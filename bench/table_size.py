@@ -69,7 +69,7 @@ from dataflow.lake.columns import Layout
 from dataflow.lake.documents import column_values, live
 from dataflow.lake.mirror import Lag, Mirror
 from dataflow.source.topics import create_topics
-from services.generate import WORDS, Generator, Message, ObjectId, ext
+from services.generate import PRODUCER_CONFIG, WORDS, Generator, Message, ObjectId, ext
 
 log = logging.getLogger("bench.table_size")
 BENCH = Path(__file__).resolve().parent
@@ -222,15 +222,7 @@ def produce(brokers: str, messages: Iterator[Message], into: Produced) -> None:
     """Like `services.generate.produce`, noting the offset of each partition's last change event."""
     from confluent_kafka import Producer
 
-    producer = Producer(
-        {
-            "bootstrap.servers": brokers,
-            "enable.idempotence": True,
-            "linger.ms": 20,
-            "compression.type": "zstd",
-            "batch.size": 1_000_000,
-        }
-    )
+    producer = Producer({"bootstrap.servers": brokers, **PRODUCER_CONFIG})
     errors: list[str] = []
     last = into.last
 
@@ -722,13 +714,7 @@ def _x(v: float | None) -> str | None:
 
 
 def _f(v: Any, digits: int = 0) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+    return report._fmt(v, digits)
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -308,20 +308,20 @@ class Generator:
                 yield Message(self.topic(coll), self._key(oid), None)  # Debezium's tombstone
 
 
+# Idempotent, batched: what the tests and the benchmarks produce with.
+PRODUCER_CONFIG = {
+    "enable.idempotence": True,
+    "linger.ms": 20,
+    "compression.type": "zstd",
+    "batch.size": 1_000_000,
+}
+
+
 def produce(brokers: str, messages: Iterator[Message], extra: dict[str, str] | None = None) -> int:
     """Produce with idempotence and confirmation; returns the number of messages sent."""
     from confluent_kafka import Producer
 
-    producer = Producer(
-        {
-            "bootstrap.servers": brokers,
-            "enable.idempotence": True,
-            "linger.ms": 20,
-            "compression.type": "zstd",
-            "batch.size": 1_000_000,
-            **(extra or {}),
-        }
-    )
+    producer = Producer({"bootstrap.servers": brokers, **PRODUCER_CONFIG, **(extra or {})})
     errors: list[str] = []
 
     def report(err, _msg) -> None:
