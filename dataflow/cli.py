@@ -192,15 +192,12 @@ def cmd_read(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
     """Bring mirrors up to date; with --follow, keep doing so (CDC_MATERIALIZER=off in the pipeline)."""
     from dataflow.lake.offsets import lake_collections
-    from dataflow.lake.storage import health_probe
-    from dataflow.runtime.retry import StorageBreaker
-    from dataflow.sink.materializer import Materializer
+    from dataflow.sink.materializer import new_materializer
 
     if settings.table_mode == "append":
         print("cdc materialize: CDC_TABLE_MODE=append keeps no mirrors", file=sys.stderr)
         return 2
-    lake = settings.lake
-    so = lake.storage_options or None
+    so = settings.lake.storage_options or None
     chosen = [tuple(t.split(".", 1)) for t in args.table] if args.table else None
 
     def tables() -> list[tuple[str, str]]:
@@ -211,21 +208,8 @@ def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
-    m = Materializer(
-        lake.tables,
-        pipeline=lake.pipeline_name,
-        storage_options=so,
-        retry=settings.retry.for_commits(),
-        breaker=StorageBreaker(
-            "materializer",
-            probe=health_probe(settings.lake_uri, so),
-            failure_threshold=settings.breaker_failures,
-            recovery_timeout=settings.breaker_reset_seconds,
-        ),
-        round_rows=lake.mirror_round_rows,
-        tombstone_retention_s=lake.tombstone_retention_hours * 3600,
-        startup=tables,
-        stop_flow_on_error=False,
+    m = new_materializer(
+        settings.lake, settings.retry, name="materializer", startup=tables, stop_flow_on_error=False
     )
     m.start()
     try:

@@ -29,7 +29,7 @@ from dataflow.runtime.failures import describe
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
 from dataflow.runtime.settings import KafkaSettings, LakeSettings, RetrySettings, Settings
 from dataflow.sink.lake import LakeSink
-from dataflow.sink.materializer import Materializer, owner
+from dataflow.sink.materializer import Materializer, new_materializer, owner
 from dataflow.sink.policy import CommitPolicy
 from dataflow.source.kafka import CONSUMER_DEFAULTS, POLL_BATCH, ResumingKafkaSource
 from dataflow.source.sample import SampleFileSource
@@ -122,21 +122,7 @@ def materializer_for(lake: LakeSettings, retry: RetrySettings) -> Callable[[int,
         def mine() -> list[tuple[str, str]]:  # the lake's tables this worker catches up at start
             return [t for t in lake_collections(uri, so) if owner(f"{t[0]}.{t[1]}", count) == index]
 
-        return Materializer(
-            lake.tables,
-            pipeline=lake.pipeline_name,
-            storage_options=so,
-            retry=retry.for_commits(),
-            breaker=StorageBreaker(
-                f"materializer-{index}",
-                probe=health_probe(uri, so),
-                failure_threshold=retry.breaker_failures,
-                recovery_timeout=retry.breaker_reset_seconds,
-            ),
-            round_rows=lake.mirror_round_rows,
-            tombstone_retention_s=lake.tombstone_retention_hours * 3600,
-            startup=mine,
-        )
+        return new_materializer(lake, retry, name=f"materializer-{index}", startup=mine)
 
     return build
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from dataflow.lake.layout import TableLocations
 from dataflow.lake.mirror import Mirror, Round
+from dataflow.lake.storage import health_probe
 from dataflow.lake.writer import DeltaTableWriter
 from dataflow.runtime import shutdown
 from dataflow.runtime.failures import describe
@@ -37,9 +38,38 @@ from dataflow.runtime.metrics import (
     MIRROR_TOMBSTONES_PURGED,
 )
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
+from dataflow.runtime.settings import LakeSettings, RetrySettings
 
 log = logging.getLogger(__name__)
 Table = tuple[str, str]  # (db, collection)
+
+
+def new_materializer(
+    lake: LakeSettings,
+    retry: RetrySettings,
+    *,
+    name: str,
+    startup: Callable[[], list[Table]],
+    stop_flow_on_error: bool = True,
+) -> Materializer:
+    """A materializer as the settings say, its retries and its own breaker (the pipeline's, `cdc`'s)."""
+    so = lake.storage_options or None
+    return Materializer(
+        lake.tables,
+        pipeline=lake.pipeline_name,
+        storage_options=so,
+        retry=retry.for_commits(),
+        breaker=StorageBreaker(
+            name,
+            probe=health_probe(lake.tables.lake_uri, so),
+            failure_threshold=retry.breaker_failures,
+            recovery_timeout=retry.breaker_reset_seconds,
+        ),
+        round_rows=lake.mirror_round_rows,
+        tombstone_retention_s=lake.tombstone_retention_hours * 3600,
+        startup=startup,
+        stop_flow_on_error=stop_flow_on_error,
+    )
 
 
 def owner(table: str, workers: int) -> int:
