@@ -107,16 +107,21 @@ class Changelog:
 
     def events(self, first: int, last: int) -> list[ChangeEvent]:
         """The changes committed in versions `first`..`last`, in commit order."""
+        return self.to_events(self.rows(first, last), self.layout())
+
+    def rows(self, first: int, last: int) -> pa.Table:
+        """The rows committed in versions `first`..`last`, in commit order (empty when none)."""
         dt = self.table()
         assert dt is not None
-        layout = self.layout()
         table = _feed(dt, first, last, None)
-        if table is None or table.num_rows == 0:
-            return []
-        table = table.take(pc.sort_indices(table, [("_commit_version", "ascending")]))
-        return self._events(table, layout)
+        if table is None:
+            return pa.schema(dt.schema().to_arrow()).empty_table()
+        return table.take(pc.sort_indices(table, [("_commit_version", "ascending")]))
 
-    def _events(self, table: pa.Table, layout: Layout) -> list[ChangeEvent]:
+    def to_events(self, table: pa.Table, layout: Layout) -> list[ChangeEvent]:
+        """Changelog rows as the change events they were written from."""
+        if table.num_rows == 0:
+            return []
         n = table.num_rows
         names = set(table.column_names)
         meta: dict[str, list[Any]] = {

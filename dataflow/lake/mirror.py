@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dataflow.lake.changelog import Changelog, Version
+from dataflow.lake.columnar import split
 from dataflow.lake.writer import DeltaTableWriter
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Mirror:
         target_changelog: Callable[[str, str], DeltaTableWriter] | None = None,
         clock: Callable[[], float] = time.time,
         read: Callable[[Callable[[], T], str], T] | None = None,
+        columnar: bool = True,
     ) -> None:
         self.table = f"{db}.{collection}"
         self.changelog = Changelog(changelog_uri, db, collection, storage_options)
@@ -98,6 +100,7 @@ class Mirror:
         # How each read of the round is made: under the caller's retry policy, so that a read
         # that fails in the store is tried again alone, not the whole round with it.
         self._read = read if read is not None else (lambda fn, _operation: fn())
+        self.columnar = columnar  # collapse what can be collapsed column-wise (False: all in Python)
 
     def applied(self) -> int:
         v = self._read(lambda: self.writer.applied(self.app), "mirror_mark")
@@ -139,9 +142,13 @@ class Mirror:
             rows,
             extra={"table": self.table, "rows": rows},
         )
-        events = self._read(lambda: self.changelog.events(first, last), "changelog_feed")
+        feed = self._read(lambda: self.changelog.rows(first, last), "changelog_feed")
         kinds = self._read(self.changelog.layout, "changelog_feed")
-        result = self.writer.apply(events, (self.app, last), kinds=kinds)
+        direct = None
+        if self.columnar:
+            direct, feed = split(feed, kinds, self._read(self.writer.layout, "mirror_layout"))
+        events = self.changelog.to_events(feed, kinds)
+        result = self.writer.apply(events, (self.app, last), kinds=kinds, direct=direct)
         metrics = self.writer.last_merge if result.committed else {}
         self.writer.last_merge = {}
         rewritten = int(metrics.get("num_output_rows", 0) or 0)
@@ -153,7 +160,7 @@ class Mirror:
         return Round(
             first=first,
             last=last,
-            changes=len(events),
+            changes=len(events) + (0 if direct is None else direct.changes),
             rows_written=result.rows_written,
             rows_rewritten=rewritten if not appended else result.rows_written,
             seconds=seconds,

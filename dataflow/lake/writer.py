@@ -36,6 +36,7 @@ from deltalake import (
 from deltalake.exceptions import TableNotFoundError
 
 from dataflow.decode.updates import Update
+from dataflow.lake.columnar import Direct
 from dataflow.lake.columns import (
     ACCEPTS,
     Column,
@@ -424,7 +425,11 @@ class DeltaTableWriter:
         return self._commit(prepared)
 
     def apply(
-        self, events: list[ChangeEvent], mark: tuple[str, int], kinds: Layout | None = None
+        self,
+        events: list[ChangeEvent],
+        mark: tuple[str, int],
+        kinds: Layout | None = None,
+        direct: Direct | None = None,
     ) -> WriteResult:
         """Apply changes read back from a changelog to this mirror, recording `mark` (app id, version).
 
@@ -432,12 +437,16 @@ class DeltaTableWriter:
         how far into the changelog it is, in the same commit. A mark already
         at or past `mark[1]` means the changes are applied: nothing is written.
         `kinds`, the changelog's layout, gives new columns the changelog's kind.
+        `direct` holds the round's other documents, already collapsed column-wise
+        (`dataflow.lake.columnar`): their rows join the same MERGE.
         """
         if self.mode != "merge":
             raise ValueError("apply() is for merge-mode tables")
         if any(e.op in DDL_OPS for e in events):
+            if direct is not None:
+                raise ValueError("a round with a drop or rename is collapsed in Python only")
             return self._write_with_ddl(events, mark=mark, kinds=kinds)
-        prepared = self._prepare(events, record=False, mark=mark, kinds=kinds)
+        prepared = self._prepare(events, record=False, mark=mark, kinds=kinds, direct=direct)
         if not isinstance(prepared, WriteResult):
             return self._commit(prepared)
         if not self._marked(self._dt, mark) and self._dt is not None:
@@ -445,6 +454,10 @@ class DeltaTableWriter:
             self._record_only({}, {mark[0]: mark[1]})
             return dataclasses.replace(prepared, committed=True, version=self.version)
         return prepared
+
+    def layout(self) -> Layout:
+        """The table's columns as of its latest version."""
+        return self._layout(self._refresh())
 
     def applied(self, app_id: str) -> int | None:
         """The version recorded under `app_id` (a mirror's mark), None when none is."""
@@ -619,6 +632,7 @@ class DeltaTableWriter:
         record: bool = True,
         mark: tuple[str, int] | None = None,
         kinds: Layout | None = None,
+        direct: Direct | None = None,
     ) -> _Prepared | WriteResult:
         """Refresh, drop what is committed, collapse, evolve the schema, build the Arrow source.
 
@@ -631,6 +645,9 @@ class DeltaTableWriter:
         sources = {(e.topic, e.partition) for e in events}
         added: tuple[str, ...] = ()
         created = False
+        total = len(events) + (0 if direct is None else direct.changes)
+        if direct is not None and kinds is None:
+            kinds = direct.changelog
         for attempt in range(_SCHEMA_ATTEMPTS):
             dt = self._refresh()
             if dt is None and created:
@@ -638,7 +655,7 @@ class DeltaTableWriter:
                 # writes and the path delta-rs opens differ. A bug, never an outage.
                 raise RuntimeError(f"created the Delta table at {self.uri}, and then found none there")
             if mark is not None and self._marked(dt, mark):
-                return WriteResult(len(events), len(events), 0, None if dt is None else dt.version())
+                return WriteResult(total, total, 0, None if dt is None else dt.version())
             done = self._recorded(dt, sources)
             fresh: list[ChangeEvent] = []
             offsets: dict[Source, int] = {}
@@ -653,7 +670,7 @@ class DeltaTableWriter:
                 if e.offset > offsets.get(src, -1):
                     offsets[src] = e.offset
             skipped = len(events) - len(fresh)
-            if not fresh:
+            if not fresh and direct is None:
                 return WriteResult(len(events), skipped, 0, None if dt is None else dt.version())
 
             layout = self._layout(dt)
@@ -665,10 +682,14 @@ class DeltaTableWriter:
                 docs = [e.doc if e.doc is not None else (e.updated or _NO_FIELDS) for e in fresh]
             n = len(rows)
             values, field_kinds = field_columns(docs)
+            planned = dict(field_kinds)
+            if direct is not None:
+                for f, ks in direct.kinds().items():
+                    planned[f] = planned.get(f, frozenset()) | ks
 
             missing = layout.missing(self._meta.values())
             self._check_keys(dt, missing)
-            new = layout.plan(field_kinds, _first_kinds(fresh, values, kinds)) + missing
+            new = layout.plan(planned, _first_kinds(fresh, values, kinds)) + missing
             if new or dt is None:
                 try:
                     self._add_columns(dt, layout, new)
@@ -680,30 +701,41 @@ class DeltaTableWriter:
                         raise
                 continue
 
+            if direct is not None and not direct.fits(layout):
+                # a rival writer gave a field a column of another kind since the round was split
+                raise Unavailable(f"the columns of {self.uri} changed under the round; it is retried")
             arrays = build_arrays(layout, values, field_kinds)
             arrays.update(self._meta_arrays(rows))
             columns = [arrays[c.name] if c.name in arrays else pa.nulls(n, c.type) for c in layout.columns]
             schema = layout.schema()
+            source = pa.Table.from_arrays(columns, schema=schema)
+            if direct is not None:
+                source = pa.concat_tables([source, self._direct_source(direct, layout, schema)])
             prepared = _Prepared(
-                events=len(events),
+                events=total,
                 skipped=skipped,
-                rows=n,
+                rows=source.num_rows,
                 offsets=offsets if record else {},
-                source=pa.Table.from_arrays(columns, schema=schema),
+                source=source,
                 schema=schema,
                 new_columns=added,
                 marks={} if mark is None else {mark[0]: mark[1]},
             )
             if self.mode == "merge":
-                prepared.append_only = self._all_new(dt, rows)
+                keys = pa.array([r.key for r in rows], pa.string())
+                ops = pa.array([r.op for r in rows], pa.string())
+                if direct is not None:
+                    keys = pa.concat_arrays([keys, direct.rows.column("_key").combine_chunks()])
+                    ops = pa.concat_arrays([ops, direct.rows.column("_op").combine_chunks()])
+                prepared.append_only = self._all_new(dt, keys, ops)
                 if not prepared.append_only:
-                    self._merge_source(prepared, layout, rows)
+                    self._merge_source(prepared, layout, rows, direct)
             return prepared
         raise Unavailable(
             f"the schema of {self.uri} kept changing under a rival writer; the batch is retried"
         )
 
-    def _all_new(self, dt: DeltaTable | None, rows: list[_Row]) -> bool:
+    def _all_new(self, dt: DeltaTable | None, keys: pa.Array, ops: pa.Array) -> bool:
         """Whether no row's key is in the table, so appending equals merging (an initial snapshot).
 
         Checked only when the table is empty or every row is an insert. The keys
@@ -714,9 +746,9 @@ class DeltaTableWriter:
         """
         if dt is None or not dt.file_uris():
             return True
-        if any(r.op != "insert" for r in rows):
+        if not pc.all(pc.equal(ops, "insert")).as_py():
             return False
-        keys = pa.array(sorted(r.key for r in rows), pa.string())
+        keys = pc.take(keys, pc.array_sort_indices(keys))
         low, high = _sql_text(keys[0].as_py()), _sql_text(keys[-1].as_py())
         query = QueryBuilder().register("mirror", dt)
         found = query.execute(f"SELECT `_key` FROM mirror WHERE `_key` >= {low} AND `_key` <= {high}")
@@ -783,7 +815,24 @@ class DeltaTableWriter:
             )
         return out
 
-    def _merge_source(self, prepared: _Prepared, layout: Layout, rows: list[_Row]) -> None:
+    def _direct_source(self, direct: Direct, layout: Layout, schema: pa.Schema) -> pa.Table:
+        """The MERGE source rows of documents collapsed column-wise, in the mirror's columns."""
+        arrays = direct.arrays(layout)
+        n = direct.rows.num_rows
+        deleted = pc.equal(arrays["_op"], "delete")
+        at = self._meta["_deleted_at"].type
+        arrays["_deleted"] = deleted
+        arrays["_deleted_at"] = pc.if_else(
+            deleted, pa.scalar(int(time.time() * 1_000_000), at), pa.scalar(None, at)
+        )
+        columns = [
+            arrays[c.name].cast(c.type) if c.name in arrays else pa.nulls(n, c.type) for c in layout.columns
+        ]
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def _merge_source(
+        self, prepared: _Prepared, layout: Layout, rows: list[_Row], direct: Direct | None = None
+    ) -> None:
         """Add the action and per-field "set by a patch" columns, and the MERGE clauses using them."""
         n = len(rows)
         masks: dict[str, list[bool]] = {}
@@ -794,33 +843,46 @@ class DeltaTableWriter:
                     if m is None:
                         m = masks[k] = [False] * n
                     m[i] = True
+        actions = pa.array([r.action for r in rows], pa.string())
+        replayed = pa.array([r.replayed for r in rows], pa.bool_())
+        set_by: dict[str, pa.Array] = {k: pa.array(m, pa.bool_()) for k, m in masks.items()}
+        if direct is not None:  # their rows follow the Python-collapsed ones in the source
+            d = direct.rows.num_rows
+            actions = pa.concat_arrays([actions, direct.actions()])
+            replayed = pa.concat_arrays([replayed, pa.array([False] * d, pa.bool_())])
+            theirs = direct.masks()
+            for k in set_by.keys() | theirs.keys():
+                mine = set_by.get(k, pa.array([False] * n, pa.bool_()))
+                set_by[k] = pa.concat_arrays([mine, theirs.get(k, pa.array([False] * d, pa.bool_()))])
         src = prepared.source
         action = layout.claim("__cdc_action")
-        src = src.append_column(action, pa.array([r.action for r in rows], pa.string()))
+        src = src.append_column(action, actions)
         replay = layout.claim("__cdc_replayed")
-        src = src.append_column(replay, pa.array([r.replayed for r in rows], pa.bool_()))
+        src = src.append_column(replay, replayed)
         patch_set: dict[str, str] = {}
-        for j, (k, m) in enumerate(masks.items()):
+        for j, (k, m) in enumerate(set_by.items()):
             main = layout.value.get(k)
             if main is None:  # a field removed but never stored: nothing to clear
                 continue
             name = layout.claim(f"__cdc_set_{j}")
-            src = src.append_column(name, pa.array(m, pa.bool_()))
+            src = src.append_column(name, m)
             for c in (main, layout.fallback.get(k)):
                 if c is not None:
                     patch_set[_q(c.name)] = (
                         f"CASE WHEN s.{_q(name)} THEN s.{_q(c.name)} ELSE t.{_q(c.name)} END"
                     )
-        actions = {r.action for r in rows}
+        kinds_of_action = set(pc.unique(actions).to_pylist())
         cols = [c.name for c in layout.columns]
         guard = _GUARD.format(replayed=_q(replay))
         prepared.source = src
         prepared.merge = {
             # a delete writes its tombstone over the row: every field null, `_deleted` set
-            "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_key"} if actions - {"patch"} else None,
+            "upsert": {_q(c): f"s.{_q(c)}" for c in cols if c != "_key"}
+            if kinds_of_action - {"patch"}
+            else None,
             "patch": (
                 {**patch_set, **{_q(c): f"s.{_q(c)}" for c in ("_id", *_PATCH_META)}}
-                if "patch" in actions
+                if "patch" in kinds_of_action
                 else None
             ),
             "insert": {_q(c): f"s.{_q(c)}" for c in cols},
