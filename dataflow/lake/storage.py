@@ -1,8 +1,9 @@
-"""The lake's object store, as seen from outside Delta: is it reachable, what tables are there."""
+"""The lake's object store, as seen from outside Delta: is it reachable, what files are there."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,3 +36,39 @@ def health_probe(lake_uri: str, storage_options: dict[str, str] | None) -> Calla
         return lambda: client.bucket_exists(bucket)
     root = Path(lake_uri)
     return lambda: root.exists() or root.parent.exists()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """One object under a table: its size and when it was last written (seconds since the epoch)."""
+
+    size: int
+    modified: float
+
+
+def list_files(
+    uri: str, storage_options: dict[str, str] | None = None, under: str = ""
+) -> dict[str, StoredFile]:
+    """Every file below a table's root (or its folder `under`), by path relative to the root.
+
+    delta-rs reports neither the size of what vacuum deletes nor the files of
+    its log, so maintenance lists the store itself, before and after.
+    """
+    if uri.startswith(("s3://", "s3a://")):
+        url = urlparse(uri)
+        client = s3_client(storage_options or {}, timeout=30)
+        root = url.path.strip("/") + "/"
+        prefix = root + under.strip("/") + "/" if under else root
+        return {
+            o.object_name[len(root) :]: StoredFile(int(o.size or 0), o.last_modified.timestamp())
+            for o in client.list_objects(url.netloc, prefix=prefix, recursive=True)
+            if not o.is_dir
+        }
+    base = Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+    top = base / under if under else base
+    out = {}
+    for path in top.rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            out[path.relative_to(base).as_posix()] = StoredFile(st.st_size, st.st_mtime)
+    return out
