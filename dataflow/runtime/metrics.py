@@ -80,6 +80,31 @@ MIRROR_TOMBSTONES_PURGED = Counter(
     "cdc_mirror_tombstones_purged_total", "Tombstones deleted after the retention", ["table"]
 )
 
+# Table maintenance (dataflow/lake/maintenance.py, `cdc maintain`), by table and kind
+# (changelog or mirror): compaction, vacuum, checkpoints and log clean-up
+MAINTENANCE_FILES_COMPACTED = Counter(
+    "cdc_maintenance_files_compacted_total",
+    "Small files compaction rewrote into larger ones",
+    ["table", "kind"],
+)
+MAINTENANCE_BYTES_VACUUMED = Counter(
+    "cdc_maintenance_bytes_vacuumed_total", "Bytes of unreferenced files vacuum deleted", ["table", "kind"]
+)
+MAINTENANCE_LAST_RUN = Gauge(
+    "cdc_maintenance_last_run_timestamp_seconds",
+    "When maintenance of the table last finished without error (Unix time)",
+    ["table", "kind"],
+)
+MAINTENANCE_DURATION = Histogram(
+    "cdc_maintenance_duration_seconds",
+    "Time of one table's maintenance (compaction, checkpoint, log clean-up, vacuum)",
+    ["table", "kind"],
+    buckets=_SECONDS_BUCKETS + (600, 1800),
+)
+MAINTENANCE_FAILURES = Counter(
+    "cdc_maintenance_failures_total", "Maintenance runs of a table that raised", ["table", "kind"]
+)
+
 # Checkpoints: the offsets recorded in Delta txn actions
 CHECKPOINTS_COMMITTED = Counter(
     "cdc_checkpoints_committed_total",
