@@ -34,6 +34,7 @@ from dataflow.decode.envelopes import Decoder
 from dataflow.decode.formats import Format, TopicTables, regex_problem
 from dataflow.dlq.writer import DLQConfig
 from dataflow.lake.layout import TableLocations, TableMode
+from dataflow.lake.maintenance import DEFAULT_TARGET_BYTES, MaintenancePolicy
 from dataflow.lake.mirror import DEFAULT_ROUND_ROWS
 from dataflow.runtime.failures import ConfigError
 from dataflow.runtime.retry import RetryPolicy
@@ -271,6 +272,17 @@ class Settings(BaseModel):
     tombstone_retention_hours: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_TOMBSTONE_RETENTION_HOURS", default=168.0
     )
+    # Table maintenance (`cdc maintain`): compaction, vacuum, checkpoints, log clean-up
+    maintenance: Flag = _var("CDC_MAINTENANCE", default=True)
+    compact_target_bytes: Annotated[int, Field(ge=1024 * 1024), DEFAULT] = _var(
+        "CDC_COMPACT_TARGET_BYTES", default=DEFAULT_TARGET_BYTES
+    )
+    compact_min_files: Count = _var("CDC_COMPACT_MIN_FILES", default=10)
+    vacuum_retention_hours: Annotated[int, Field(ge=0), DEFAULT] = _var(
+        "CDC_VACUUM_RETENTION_HOURS", default=168
+    )
+    checkpoint_every: Count = _var("CDC_CHECKPOINT_EVERY", default=100)
+    log_retention_hours: Annotated[int, Field(ge=0), DEFAULT] = _var("CDC_LOG_RETENTION_HOURS", default=720)
     log_level: Annotated[LogLevel, BeforeValidator(_upper), DEFAULT] = _var("CDC_LOG_LEVEL", default="INFO")
     log_format: Annotated[LogFormat, BeforeValidator(_lower), DEFAULT] = _var(
         "CDC_LOG_FORMAT", default="json"
@@ -428,6 +440,17 @@ class Settings(BaseModel):
             materializer=self.materializer,
             mirror_round_rows=self.mirror_round_rows,
             tombstone_retention_hours=self.tombstone_retention_hours,
+        )
+
+    @property
+    def maintenance_policy(self) -> MaintenancePolicy:
+        return MaintenancePolicy(
+            enabled=self.maintenance,
+            target_bytes=self.compact_target_bytes,
+            min_small_files=self.compact_min_files,
+            vacuum_retention_hours=self.vacuum_retention_hours,
+            checkpoint_every=self.checkpoint_every,
+            log_retention_hours=self.log_retention_hours,
         )
 
     @property
