@@ -330,3 +330,31 @@ def test_a_variable_from_a_file_and_its_refusals(tmp_path) -> None:
                             "CDC_STORAGE_CA_FILE": "/ca.pem"})  # fmt: skip
     assert s3.storage_options["AWS_SECRET_ACCESS_KEY"] == "file-pw-123456"
     assert "ca_file" not in s3.storage_options  # ours, not a delta-rs option
+
+
+def test_maintenance_settings_make_the_policy() -> None:
+    p = Settings.from_env({}).maintenance_policy
+    assert p.enabled and (p.vacuum_retention_hours, p.log_retention_hours, p.checkpoint_every) == (
+        168,
+        720,
+        100,
+    )
+    assert (p.target_bytes, p.min_small_files) == (100 * 1024 * 1024, 10)
+    p = Settings.from_env(
+        {
+            "CDC_MAINTENANCE": "off",
+            "CDC_COMPACT_TARGET_BYTES": "33554432",
+            "CDC_COMPACT_MIN_FILES": "4",
+            "CDC_VACUUM_RETENTION_HOURS": "0",
+            "CDC_CHECKPOINT_EVERY": "20",
+            "CDC_LOG_RETENTION_HOURS": "48",
+        }
+    ).maintenance_policy
+    assert not p.enabled and (p.target_bytes, p.min_small_files, p.checkpoint_every) == (33554432, 4, 20)
+    assert (p.vacuum_retention_hours, p.log_retention_hours) == (0, 48)
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {"CDC_MAINTENANCE": "of", "CDC_COMPACT_MIN_FILES": "0", "CDC_VACUUM_RETENTION_HOURS": "-1"}
+        )
+    for name in ("CDC_MAINTENANCE", "CDC_COMPACT_MIN_FILES", "CDC_VACUUM_RETENTION_HOURS"):
+        assert name in str(info.value)
