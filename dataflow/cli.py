@@ -4,6 +4,7 @@
                         per mirror: how far it trails its changelog
     read DB.COLL        the collection as of its last committed batch, one Extended JSON document a line
     materialize         bring the mirrors up to date from their changelogs (once, or --follow)
+    maintain            compact, checkpoint, clean the log of and vacuum every table (or those named)
     dlq inspect         dead letters from the DLQ topic or the fallback file, filtered
     dlq replay          send chosen dead letters back to their source topic, once
 
@@ -228,6 +229,82 @@ def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
                 m.notify(*t)
     finally:
         m.stop()
+
+
+# ---------------------------------------------------------------- maintenance
+
+
+def cmd_maintain(settings: Settings, args: argparse.Namespace) -> int:
+    """Compaction, checkpoints, log clean-up and vacuum of the lake's tables, one after another."""
+    import dataclasses
+
+    from dataflow.lake.maintenance import maintain_lake
+
+    policy = settings.maintenance_policy
+    if not policy.enabled:
+        print("CDC_MAINTENANCE=0: no table maintained", file=sys.stderr)
+        return 0
+    only = None
+    if args.table:
+        only = []
+        for t in args.table:
+            db, dot, coll = t.partition(".")
+            if not (db and dot and coll):
+                print(f"cdc maintain: {t!r} is not <db>.<collection>", file=sys.stderr)
+                return 2
+            only.append((db, coll))
+    policy = dataclasses.replace(
+        policy,
+        compact=not args.no_compact,
+        vacuum=not args.no_vacuum,
+        checkpoint=not args.no_checkpoint,
+        clean_logs=not args.no_log_cleanup,
+        dry_run=args.dry_run,
+    )
+    outcomes = maintain_lake(
+        settings.lake_uri,
+        storage_options=settings.storage_options or None,
+        policy=policy,
+        pipeline=settings.pipeline_name,
+        only=only,
+    )
+    failed = [o for o in outcomes if o.error is not None]
+    if args.json:
+        rows = [
+            {"table": o.uri, "collection": o.label, "kind": o.kind, "error": o.error}
+            | (o.report.as_dict() if o.report else {})
+            for o in outcomes
+        ]
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 1 if failed else 0
+    if not outcomes:
+        print(f"no Delta tables to maintain under {settings.lake_uri}")
+        return 0 if only is None else 2
+    if args.dry_run:
+        print("dry run: nothing changed; what would be done")
+    print(
+        f"{'collection':<32} {'kind':<9} {'version':>7} {'compacted':>12} {'vacuumed':>9} {'bytes':>12} "
+        f"{'checkpoint':>10} {'logs':>5} {'seconds':>7}"
+    )
+    for o in outcomes:
+        if (r := o.report) is None:
+            print(f"{o.label:<32} {o.kind:<9} failed: {o.error}")
+            continue
+        compacted = f"{r.files_compacted}->{r.files_added}" if not r.dry_run else str(r.files_compacted)
+        checkpoint = "-" if r.checkpoint_version is None else str(r.checkpoint_version)
+        print(
+            f"{o.label:<32} {o.kind:<9} {r.version:>7} {compacted:>12} {r.files_vacuumed:>9} "
+            f"{r.bytes_vacuumed:>12} {checkpoint:>10} {r.log_files_removed:>5} {r.seconds:>7.1f}"
+        )
+        for key, value in r.properties_set.items():
+            print(f"    set {key} = {value!r}")
+        for why in r.held_back:
+            print(f"    held back: {why}")
+    print(
+        f"{len(outcomes)} tables, {len(failed)} failed: {sum(o.report.files_compacted for o in outcomes if o.report)}"
+        f" files compacted, {sum(o.report.bytes_vacuumed for o in outcomes if o.report)} bytes vacuumed"
+    )
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------- dead letters
@@ -512,6 +589,14 @@ def parser() -> argparse.ArgumentParser:
     mat.add_argument("--follow", action="store_true", help="keep them up to date until stopped")
     mat.add_argument("--interval", type=float, default=2.0, help="--follow: seconds between looks")
     mat.add_argument("--metrics-port", type=int, default=3030, help="--follow: Prometheus port (0: none)")
+    maint = sub.add_parser("maintain", help="compact, checkpoint, clean the log of and vacuum the tables")
+    maint.add_argument("table", nargs="*", metavar="DB.COLLECTION", help="only these (default: all)")
+    maint.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    maint.add_argument("--no-compact", action="store_true", help="no compaction of small files")
+    maint.add_argument("--no-vacuum", action="store_true", help="delete no unreferenced files")
+    maint.add_argument("--no-checkpoint", action="store_true", help="write no checkpoint")
+    maint.add_argument("--no-log-cleanup", action="store_true", help="delete no old commit files")
+    maint.add_argument("--json", action="store_true", help="one JSON report per table")
     dlq = sub.add_parser("dlq", help="inspect or replay dead letters")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
     for name in ("inspect", "replay"):
@@ -561,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_read(settings, args)
         if args.command == "materialize":
             return cmd_materialize(settings, args)
+        if args.command == "maintain":
+            return cmd_maintain(settings, args)
         if args.dlq_command == "inspect":
             return cmd_inspect(settings, args)
         return cmd_replay(settings, args)
