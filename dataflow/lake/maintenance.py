@@ -136,15 +136,15 @@ def interval_hours(text: str) -> float:
     return int(m[1]) * _HOURS_PER[m[2].lower()]
 
 
-def retention_hours(configuration: dict[str, str], key: str, configured: int) -> tuple[int, bool]:
-    """The retention in force, in whole hours (rounded up: never shorter than the table says),
-    and whether it comes from the table itself."""
+def retention_hours(configuration: dict[str, str], key: str, configured: int) -> int:
+    """The retention in force, in whole hours: the table's own property (rounded up, never
+    shorter than the table says), else the configured one."""
     if (value := configuration.get(key)) is not None:
         try:
-            return math.ceil(interval_hours(value)), True
+            return math.ceil(interval_hours(value))
         except ValueError:
             log.warning("table property %s=%r is not an interval; using %d hours", key, value, configured)
-    return configured, False
+    return configured
 
 
 def _version_of(name: str) -> int | None:
@@ -232,8 +232,8 @@ def maintain(
     dt = DeltaTable(uri, storage_options=so)
     logs = list_files(uri, storage_options, under=LOG_DIR)  # to count what log clean-up removed
     config = _record_retentions(dt, policy, report)
-    report.file_retention_hours, _ = retention_hours(config, FILE_RETENTION, policy.vacuum_retention_hours)
-    report.log_retention_hours, _ = retention_hours(config, LOG_RETENTION, policy.log_retention_hours)
+    report.file_retention_hours = retention_hours(config, FILE_RETENTION, policy.vacuum_retention_hours)
+    report.log_retention_hours = retention_hours(config, LOG_RETENTION, policy.log_retention_hours)
     if report.properties_set and not policy.dry_run:
         dt = DeltaTable(uri, storage_options=so)
 
@@ -290,8 +290,11 @@ def vacuum(
 
     Full mode: besides the files commits removed (tombstones older than the
     retention), files no commit ever added (a commit that crashed or lost its
-    race) go once their own age passes the retention. delta-rs returns only
-    paths, so sizes come from a listing of the store taken before.
+    race) go once their own age passes the retention. So does a file a writer
+    has written and not committed yet: a retention shorter than the longest
+    commit is unsafe beside a writer (tests use 0 on tables nobody writes).
+    delta-rs returns only paths, so sizes come from a listing of the store
+    taken before.
     """
     before = list_files(uri, storage_options)
     keep = list(range(keep_from, dt.version() + 1)) if keep_from is not None else None
