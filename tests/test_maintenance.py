@@ -115,6 +115,53 @@ def test_compaction_leaves_near_target_files_alone(tmp_path) -> None:
     assert (report.small_files, report.files_compacted) == (0, 0) and DeltaTable(uri).version() == 11
 
 
+# ---------------------------------------------------------------- vacuum by age
+
+
+def test_vacuum_judges_removed_files_by_removal_and_stray_files_by_age(tmp_path) -> None:
+    """Retention 1 hour, real ages: files compaction removed a moment ago stay, however old they
+    are themselves; a file no commit references goes only once it is older than the retention."""
+    uri = str(tmp_path / "orders")
+    append_batches(uri, 6)
+    rows = sorted_rows(uri)
+    age(tmp_path / "orders", hours=24 * 30)  # written a month ago
+    (tmp_path / "orders" / "part-stray-old.parquet").write_bytes(b"x" * 300)
+    (tmp_path / "orders" / "part-stray-new.parquet").write_bytes(b"x" * 200)
+    os.utime(tmp_path / "orders" / "part-stray-old.parquet", (time.time() - 7200, time.time() - 7200))
+    small = data_files(uri)
+
+    policy = MaintenancePolicy(
+        target_bytes=1 << 20, min_small_files=2, vacuum_retention_hours=1, checkpoint=False
+    )
+    report = maintain(uri, policy=policy)
+    assert report.files_compacted == 6
+    assert (report.files_vacuumed, report.bytes_vacuumed) == (1, 300)
+    left = data_files(uri)
+    assert "part-stray-old.parquet" not in left and "part-stray-new.parquet" in left
+    assert set(small) - {"part-stray-old.parquet"} <= set(left)  # the compacted-away files stay
+    assert sorted_rows(uri) == rows and sorted_rows(uri, version=0) == rows[:50]
+
+
+def test_an_append_mode_lake_is_all_changelogs_without_mirrors(tmp_path) -> None:
+    lake = tmp_path / "lake"
+    for coll in ("orders", "customers"):
+        uri = str(lake / "shop" / coll)
+        DeltaTable.create(
+            uri,
+            pa.schema([("_id", pa.string()), ("n", pa.int64()), ("text", pa.string())]),
+            configuration={"cdc.mode": "append"},
+            raise_if_key_not_exists=False,
+        )
+        append_batches(uri, 4)
+    policy = MaintenancePolicy(target_bytes=1 << 20, min_small_files=2, vacuum_retention_hours=0)
+    outcomes = maintain_lake(str(lake), policy=policy, only=[("shop", "orders")])
+    assert [(o.label, o.kind, o.error) for o in outcomes] == [("shop.orders", "changelog", None)]
+    r = outcomes[0].report
+    assert r is not None and (r.files_compacted, r.files_vacuumed) == (4, 4) and not r.held_back
+    assert len(data_files(str(lake / "shop" / "orders"))) == 1
+    assert len(data_files(str(lake / "shop" / "customers"))) == 4  # not named: untouched
+
+
 # ---------------------------------------------------------------- checkpoints and the log
 
 
