@@ -28,6 +28,7 @@ from deltalake import (
     CommitProperties,
     DeltaTable,
     Field,
+    PostCommitHookProperties,
     QueryBuilder,
     Transaction,
     WriterProperties,
@@ -93,6 +94,10 @@ _SCHEMA_ATTEMPTS = 3  # schema commits per batch before giving the batch back to
 # faster (bench/RESULTS.md, "Parquet row groups"). Any WriterProperties turns delta-rs'
 # default compression off, hence SNAPPY, its default, named.
 WRITER_PROPERTIES = WriterProperties(max_row_group_size=16_384, compression="SNAPPY")
+# After a commit delta-rs deletes log entries past delta.logRetentionDuration on its own. A
+# changelog's mirror reads its log from the mirror's mark, however far behind: log clean-up of
+# changelogs is left to `dataflow.lake.maintenance`, which keeps what the mirror still reads.
+_CHANGELOG_HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +366,7 @@ class DeltaTableWriter:
         self._meta = {c.name: c for c in (_MERGE_META if mode == "merge" else _APPEND_META)}
         self._dt: DeltaTable | None = None
         self._table_of = table_of  # a rename's target: its changelog's writer, or its mirror's
+        self._hooks = _CHANGELOG_HOOKS if mode == "append" else None
         self.last_merge: dict[str, Any] = {}  # delta-rs' metrics of the last MERGE
 
     def app_id(self, topic: str, partition: int) -> str:
@@ -623,7 +629,13 @@ class DeltaTableWriter:
             return
         cp = CommitProperties(app_transactions=self._txns(offsets, marks or {}))
         schema = pa.schema(dt.schema().to_arrow())
-        write_deltalake(dt, schema.empty_table(), mode="append", commit_properties=cp)
+        write_deltalake(
+            dt,
+            schema.empty_table(),
+            mode="append",
+            commit_properties=cp,
+            post_commithook_properties=self._hooks,
+        )
 
     def _prepare(
         self,
@@ -776,12 +788,17 @@ class DeltaTableWriter:
                 configuration={
                     "delta.checkpointInterval": str(self._checkpoint_interval),
                     _MODE_KEY: self.mode,  # merge and append tables must never be mixed up
+                    # a changelog's log is cleaned by maintenance alone, which keeps what the
+                    # mirror still reads; other writers' commits (Spark's too) leave it
+                    **({"delta.enableExpiredLogCleanup": "false"} if self.mode == "append" else {}),
                 },
                 storage_options=self._storage_options,
                 raise_if_key_not_exists=False,  # lets the custom cdc.mode key through
             )
             return
-        dt.alter.add_columns([Field.from_arrow(c.arrow_field()) for c in new])
+        dt.alter.add_columns(
+            [Field.from_arrow(c.arrow_field()) for c in new], post_commithook_properties=self._hooks
+        )
 
     def _meta_arrays(self, rows: list[Any]) -> dict[str, pa.Array]:
         out = {
@@ -907,6 +924,7 @@ class DeltaTableWriter:
                     mode="append",
                     commit_properties=cp,
                     writer_properties=self._writer_properties,
+                    post_commithook_properties=self._hooks,
                 )
             else:
                 before = dt.version()
