@@ -369,14 +369,6 @@ def maintain_lake(
     says so). A failure on one table is reported and the others go on. Metrics:
     `cdc_maintenance_*`, by table and kind (not for a dry run).
     """
-    from dataflow.runtime.metrics import (
-        MAINTENANCE_BYTES_VACUUMED,
-        MAINTENANCE_DURATION,
-        MAINTENANCE_FAILURES,
-        MAINTENANCE_FILES_COMPACTED,
-        MAINTENANCE_LAST_RUN,
-    )
-
     policy = policy or MaintenancePolicy()
     outcomes = []
     for uri in list_tables(lake_uri, storage_options):
@@ -401,24 +393,42 @@ def maintain_lake(
             outcome.error = f"{type(e).__name__}: {e}"
             log.warning("maintenance of %s failed: %s", uri, outcome.error, extra={"table": outcome.label})
             if not policy.dry_run:
-                MAINTENANCE_FAILURES.labels(*labels).inc()
+                record_failure(*labels)
             continue
-        r = outcome.report
         if not policy.dry_run:
-            MAINTENANCE_FILES_COMPACTED.labels(*labels).inc(r.files_compacted)
-            MAINTENANCE_BYTES_VACUUMED.labels(*labels).inc(r.bytes_vacuumed)
-            MAINTENANCE_DURATION.labels(*labels).observe(r.seconds)
-            MAINTENANCE_LAST_RUN.labels(*labels).set(time.time())
-        log.info(
-            "maintained %s: %d files compacted into %d, %d files (%d bytes) vacuumed, checkpoint %s, "
-            "%d log files removed",
-            uri,
-            r.files_compacted,
-            r.files_added,
-            r.files_vacuumed,
-            r.bytes_vacuumed,
-            r.checkpoint_version,
-            r.log_files_removed,
-            extra={"table": outcome.label},
-        )
+            record(outcome.report, *labels)
     return outcomes
+
+
+def record(r: MaintenanceReport, table: str, kind: TableKind) -> None:
+    """The `cdc_maintenance_*` metrics and a log line for one table's maintenance."""
+    from dataflow.runtime.metrics import (
+        MAINTENANCE_BYTES_VACUUMED,
+        MAINTENANCE_DURATION,
+        MAINTENANCE_FILES_COMPACTED,
+        MAINTENANCE_LAST_RUN,
+    )
+
+    MAINTENANCE_FILES_COMPACTED.labels(table, kind).inc(r.files_compacted)
+    MAINTENANCE_BYTES_VACUUMED.labels(table, kind).inc(r.bytes_vacuumed)
+    MAINTENANCE_DURATION.labels(table, kind).observe(r.seconds)
+    MAINTENANCE_LAST_RUN.labels(table, kind).set(time.time())
+    log.info(
+        "maintained %s: %d files compacted into %d, %d files (%d bytes) vacuumed, checkpoint %s, "
+        "%d log files removed, in %.2fs",
+        r.table,
+        r.files_compacted,
+        r.files_added,
+        r.files_vacuumed,
+        r.bytes_vacuumed,
+        r.checkpoint_version,
+        r.log_files_removed,
+        r.seconds,
+        extra={"table": table},
+    )
+
+
+def record_failure(table: str, kind: TableKind) -> None:
+    from dataflow.runtime.metrics import MAINTENANCE_FAILURES
+
+    MAINTENANCE_FAILURES.labels(table, kind).inc()

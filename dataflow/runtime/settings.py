@@ -158,6 +158,8 @@ class LakeSettings:
     materializer: Literal["embedded", "off"] = "embedded"
     mirror_round_rows: int = DEFAULT_ROUND_ROWS
     tombstone_retention_hours: float = 168.0
+    maintenance: MaintenancePolicy = field(default_factory=MaintenancePolicy)
+    maintenance_interval_s: float = 600.0  # per table, by the thread that writes it
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,9 @@ class Settings(BaseModel):
     )
     checkpoint_every: Count = _var("CDC_CHECKPOINT_EVERY", default=100)
     log_retention_hours: Annotated[int, Field(ge=0), DEFAULT] = _var("CDC_LOG_RETENTION_HOURS", default=720)
+    maintenance_interval_minutes: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
+        "CDC_MAINTENANCE_INTERVAL_MINUTES", default=10.0
+    )
     log_level: Annotated[LogLevel, BeforeValidator(_upper), DEFAULT] = _var("CDC_LOG_LEVEL", default="INFO")
     log_format: Annotated[LogFormat, BeforeValidator(_lower), DEFAULT] = _var(
         "CDC_LOG_FORMAT", default="json"
@@ -440,6 +445,8 @@ class Settings(BaseModel):
             materializer=self.materializer,
             mirror_round_rows=self.mirror_round_rows,
             tombstone_retention_hours=self.tombstone_retention_hours,
+            maintenance=self.maintenance_policy,
+            maintenance_interval_s=self.maintenance_interval_minutes * 60,
         )
 
     @property

@@ -39,6 +39,7 @@ from dataflow.runtime.metrics import (
 )
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
 from dataflow.runtime.settings import LakeSettings, RetrySettings
+from dataflow.sink.upkeep import Upkeep
 
 log = logging.getLogger(__name__)
 Table = tuple[str, str]  # (db, collection)
@@ -67,6 +68,13 @@ def new_materializer(
         ),
         round_rows=lake.mirror_round_rows,
         tombstone_retention_s=lake.tombstone_retention_hours * 3600,
+        upkeep=Upkeep(
+            lake.tables.lake_uri,
+            policy=lake.maintenance,
+            interval_s=lake.maintenance_interval_s,
+            storage_options=so,
+            pipeline=lake.pipeline_name,
+        ),
         startup=startup,
         stop_flow_on_error=stop_flow_on_error,
     )
@@ -90,6 +98,7 @@ class Materializer:
         breaker: StorageBreaker | None = None,
         round_rows: int,
         tombstone_retention_s: float,
+        upkeep: Upkeep | None = None,
         startup: Callable[[], list[Table]] = list,
         idle_seconds: float = 1.0,
         stop_flow_on_error: bool = True,
@@ -101,6 +110,7 @@ class Materializer:
         self.breaker = breaker
         self.round_rows = round_rows
         self.tombstone_retention_s = tombstone_retention_s
+        self.upkeep = upkeep  # compaction and vacuum of the mirrors, between their rounds
         self.idle_seconds = idle_seconds
         self.stop_flow_on_error = stop_flow_on_error  # inside the pipeline: end its input too
         self._startup = startup
@@ -224,6 +234,8 @@ class Materializer:
         m = self.mirror(*table)
         name = m.table
         r = self.retry.call(m.round, operation="materialize", breaker=self.breaker)
+        if self.upkeep is not None:
+            self.upkeep.after_commit(m.writer.uri, "mirror", name)
         if r is None:
             MIRROR_LAG_CHANGES.labels(name).set(0)
             MIRROR_LAG_SECONDS.labels(name).set(0)

@@ -34,6 +34,7 @@ from dataflow.runtime.metrics import (
 )
 from dataflow.runtime.retry import RetryPolicy, StorageBreaker
 from dataflow.runtime.settings import LakeSettings
+from dataflow.sink.upkeep import Upkeep
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ class CommitPolicy:
         self.end_offsets = end_offsets
         self.next_lag_check = 0.0
         self.on_commit = on_commit  # (db, collection): a changelog grew (the materializer's cue)
+        # compaction, vacuum, checkpoints and log clean-up of the changelogs, between their commits
+        self.upkeep = Upkeep(
+            lake.tables.lake_uri,
+            policy=lake.maintenance,
+            interval_s=lake.maintenance_interval_s,
+            storage_options=self.storage_options,
+            pipeline=self.pipeline,
+        )
 
     def writer(self, ev: ChangeEvent) -> DeltaTableWriter:
         """The table's changelog: every batch is committed there, in either table mode."""
@@ -94,9 +103,11 @@ class CommitPolicy:
         stats = self.stats[batch.table]
         stats.events += len(batch.events)
         first = batch.events[0]
-        self._commit(self.writer(first), batch.events, stats)
+        writer = self.writer(first)
+        self._commit(writer, batch.events, stats)
         if self.on_commit is not None:
             self.on_commit(first.db, first.collection)
+        self.upkeep.after_commit(writer.uri, "changelog", batch.table)
         self._export_lag()
 
     def close(self) -> None:
