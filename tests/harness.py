@@ -195,6 +195,7 @@ class PipelineProcess:
         self.lines: list[str] = []
         self.commit_begun = threading.Event()
         self.round_begun = threading.Event()  # a materializer round has begun (merge mode)
+        self.maintenance_begun = threading.Event()  # compaction, vacuum... of a table has begun
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dataflow", *args],
             env=env,
@@ -216,6 +217,8 @@ class PipelineProcess:
                     self.commit_begun.set()
                 if "round begin" in line:
                     self.round_begun.set()
+                if "maintenance begin" in line:
+                    self.maintenance_begun.set()
 
     def wait_for(self, marker: str, count: int, timeout: float) -> None:
         """Until `count` lines hold `marker`; fails the test if that does not happen in time."""

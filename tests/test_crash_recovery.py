@@ -1,6 +1,6 @@
 """Crash-safe resume: kill -9 at random moments (some inside a changelog commit, some inside a
-mirror's round), lost and garbage recovery stores, SIGTERM, and two pipelines on the same
-tables. Nothing is lost or repeated."""
+mirror's round, some inside table maintenance), lost and garbage recovery stores, SIGTERM, and
+two pipelines on the same tables. Nothing is lost or repeated."""
 
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ def lake_env(kafka, s3, gen: Generator, bucket: str, tmp_path, **extra: str) -> 
 
 # Background commits: a killed process may have batches closed, out of the batcher, and not yet in Delta.
 BACKGROUND = pytest.mark.parametrize("background", ["0", "1"], ids=["commits-in-step", "background-commits"])
+# Table maintenance after every commit and between every two rounds, retentions of 0: compaction
+# and vacuum race nothing but the kills (the default interval is 10 minutes, past these runs).
+EAGER_MAINTENANCE = {
+    "CDC_MAINTENANCE_INTERVAL_MINUTES": "0",
+    "CDC_COMPACT_MIN_FILES": "3",
+    "CDC_VACUUM_RETENTION_HOURS": "0",
+    "CDC_CHECKPOINT_EVERY": "4",
+    "CDC_LOG_RETENTION_HOURS": "0",
+}
 
 
 @BACKGROUND
@@ -37,7 +46,9 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     model = Model()
     model.apply(messages)
     bucket = s3.bucket("crash")
-    env = lake_env(kafka, s3, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background)
+    maintenance = background == "1"
+    extra = EAGER_MAINTENANCE if maintenance else {}
+    env = lake_env(kafka, s3, gen, bucket, tmp_path, CDC_BACKGROUND_COMMITS=background, **extra)
     recovery_dir = tmp_path / "recovery"
     log = tmp_path / "pipeline.log"
 
@@ -45,7 +56,7 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     # the topic: every life is killed, however fast the pipeline has become.
     lives = 12
     slices = [messages[i * len(messages) // lives : (i + 1) * len(messages) // lives] for i in range(lives)]
-    kills = in_commit = in_round = 0
+    kills = in_commit = in_round = in_maintenance = 0
     deleted_store = garbage_store = False
     deadline = time.monotonic() + 900
     while kills < lives and time.monotonic() < deadline:
@@ -68,6 +79,11 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
             assert p.round_begun.wait(timeout=60), "no mirror round began in 60 s:\n" + p.tail()
             time.sleep(rng.uniform(0.0, 0.4))
             in_round += 1
+        elif maintenance:
+            # Aim inside maintenance: a compaction, a vacuum or a log clean-up under way.
+            assert p.maintenance_begun.wait(timeout=60), "no maintenance began in 60 s:\n" + p.tail()
+            time.sleep(rng.uniform(0.0, 0.3))
+            in_maintenance += 1
         else:
             time.sleep(rng.uniform(2.0, 8.0))
         assert p.proc.poll() is None, "a pipeline that should run until killed exited:\n" + p.tail()
@@ -85,13 +101,19 @@ def test_kill_9_ten_times_with_lost_and_garbage_recovery_stores(kafka, s3, tmp_p
     counts = assert_exactly_once(model, gen, bucket, s3.storage_options)
     report = tmp_path.parent / f"crash-report-{background}.txt"
     report.write_text(
-        f"kills={kills} in_commit={in_commit} in_round={in_round} events={len(messages)} changelog={counts}\n"
+        f"kills={kills} in_commit={in_commit} in_round={in_round} in_maintenance={in_maintenance} "
+        f"events={len(messages)} changelog={counts}\n"
     )
     print(
-        f"\nkill -9 x{kills} ({in_commit} aimed inside a commit, {in_round} inside a mirror round), "
-        f"{len(messages)} messages, changelog {counts}"
+        f"\nkill -9 x{kills} ({in_commit} aimed inside a commit, {in_round} inside a mirror round, "
+        f"{in_maintenance} inside maintenance), {len(messages)} messages, changelog {counts}"
     )
     assert in_round >= 3
+    if maintenance:
+        assert in_maintenance >= 3
+        done = [line for line in text.splitlines() if "maintained " in line]
+        assert any(" 0 files compacted" not in line for line in done), "no compaction happened"
+        assert any(" 0 files (0 bytes) vacuumed" not in line for line in done), "no vacuum happened"
 
 
 @BACKGROUND
