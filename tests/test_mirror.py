@@ -29,7 +29,7 @@ from dataflow.lake.layout import TableLocations
 from dataflow.lake.mirror import Mirror, mark_app
 from dataflow.lake.read import current_documents
 from dataflow.lake.writer import DeltaTableWriter
-from dataflow.model import Binary, ChangeEvent, ObjectId
+from dataflow.model import Binary, BsonTimestamp, ChangeEvent, ObjectId
 from dataflow.runtime.failures import Kind, classify
 from tests.harness import BASE_MS, TOPIC, ev
 
@@ -228,6 +228,25 @@ def test_a_field_the_mirror_holds_as_another_kind_is_collapsed_in_python(lake) -
     assert split(feed, m.changelog.layout(), m.writer.layout()) == (None, feed)
     m.catch_up()
     assert docs(lake) == {"old": {"a": 5}, "x": {"a": "text"}, "y": {"a": 7}}
+
+
+def test_a_field_of_another_kind_the_round_does_not_hold_stays_out_of_the_way(lake) -> None:
+    """The mirror holds `b` as a BSON timestamp, the changelog as text; a later round without
+    `b` goes column-wise, and the changelog's empty text column is not forced onto the mirror's."""
+    t = TableLocations(lake)
+    DeltaTableWriter(t.uri(DB, COLL, "merge"), mode="merge").write(
+        [ev("old", doc={"b": BsonTimestamp(5, 1)}, offset=0)]
+    )
+    log, m = changelog(lake), mirror(lake)
+    log.write([ev("x", doc={"b": "text"}, offset=1)])
+    m.catch_up()
+    log.write([ev("y", doc={"a": 1}, offset=2), ev("x", "update", updated={"a": 2}, offset=3)])
+    applied = m.applied()
+    feed = m.changelog.rows(applied + 1, m.changelog.table().version())
+    direct, rest = split(feed, m.changelog.layout(), m.writer.layout())
+    assert direct is not None and direct.changes == 2 and rest.num_rows == 0
+    m.catch_up()
+    assert docs(lake) == {"old": {"b": BsonTimestamp(5, 1)}, "x": {"b": "text", "a": 2}, "y": {"a": 1}}
 
 
 # ------------------------------------------------------------------ order and deletes

@@ -87,12 +87,14 @@ class Direct:
     def arrays(self, mirror: Layout) -> dict[str, pa.Array]:
         """The mirror's field columns and row metadata for these rows, by mirror column name."""
         out = {m: self.rows.column(m).combine_chunks() for m in ROW_META}
+        # Only columns with values: `fits` checked their kinds; an all-null column of another kind
+        # (a field these rows do not hold) may not even cast, and is left null.
         for field, main in mirror.value.items():
             c = self.changelog.value.get(field)
-            if c is not None and c.name in self.rows.column_names:
+            if c is not None and _has_values(self.rows, c.name):
                 out[main.name] = self.rows.column(c.name).combine_chunks().cast(main.type)
             fb, cfb = mirror.fallback.get(field), self.changelog.fallback.get(field)
-            if fb is not None and cfb is not None and cfb.name in self.rows.column_names:
+            if fb is not None and cfb is not None and _has_values(self.rows, cfb.name):
                 out[fb.name] = self.rows.column(cfb.name).combine_chunks().cast(fb.type)
         return out
 
