@@ -93,7 +93,15 @@ _SCHEMA_ATTEMPTS = 3  # schema commits per batch before giving the batch back to
 # default row group (1M rows) makes each file one row group; smaller ones made MERGEs
 # faster (bench/RESULTS.md, "Parquet row groups"). Any WriterProperties turns delta-rs'
 # default compression off, hence SNAPPY, its default, named.
-WRITER_PROPERTIES = WriterProperties(max_row_group_size=16_384, compression="SNAPPY")
+# Statistics: delta-rs copies each file's Parquet min/max into the commit log, so one 20 MB
+# string made a 42 MB commit. The Parquet writer cuts them to STATS_BYTES: a min to a prefix
+# (still <= every value), a max to a prefix with its last character incremented (still >=),
+# so `_key` pruning (MERGE, `_all_new`) stays right, only less sharp past that length.
+# Binary columns get no statistics in the log at all (delta-rs skips them).
+STATS_BYTES = 128
+WRITER_PROPERTIES = WriterProperties(
+    max_row_group_size=16_384, compression="SNAPPY", statistics_truncate_length=STATS_BYTES
+)
 # After a commit delta-rs deletes log entries past delta.logRetentionDuration on its own. A
 # changelog's mirror reads its log from the mirror's mark, however far behind: log clean-up of
 # changelogs is left to `dataflow.lake.maintenance`, which keeps what the mirror still reads.
