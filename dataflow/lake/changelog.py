@@ -5,7 +5,7 @@ append-only Delta table, one commit per batch, written exactly once by the
 sink. The rows a range of its versions added come from delta-rs' change data
 feed (`load_cdf`), which skips commits that only rearrange files. Each row
 becomes the `ChangeEvent` it was written from: its fields typed back by the
-column decisions (`dataflow.lake.documents`), a top-level partial update with
+column decisions (`dataflow.lake.documents`) and its overflow object, a top-level partial update with
 the fields it set (`_set`, so a field set to null is not mistaken for one left
 alone) and removed, an update inside fields with its description (`_change`),
 a rename with its target.
@@ -24,7 +24,7 @@ from deltalake.exceptions import TableNotFoundError
 from dataflow.decode import extjson
 from dataflow.decode.updates import Update
 from dataflow.lake.columns import Layout
-from dataflow.lake.documents import column_values
+from dataflow.lake.documents import column_values, merge_overflow
 from dataflow.model import DDL_OPS, ChangeEvent
 
 _META = (
@@ -136,6 +136,11 @@ class Changelog:
                 for i, v in enumerate(column_values(table.column(c.name), c)):
                     if v is not None and field not in docs[i]:
                         docs[i][field] = v
+        spill = layout.overflow
+        if spill is not None and spill.name in names:  # the fields past the table's column limit
+            for i, obj in enumerate(column_values(table.column(spill.name), spill)):
+                if obj:
+                    merge_overflow(docs[i], obj)
         out = []
         for i in range(n):
             op = meta["_op"][i]

@@ -19,7 +19,14 @@ and a string or a sub-document in the next. The rules, applied per field:
   reader recovers the field as `coalesce(<column>, <column>__json)`;
 * JSON text is relaxed JSON for what JSON has (numbers, strings, booleans,
   null) and canonical Extended JSON v2 for every other value, written once
-  (`dataflow.decode.extjson.dumps`).
+  (`dataflow.decode.extjson.dumps`);
+* a table has at most `max_columns` value columns (a MERGE's cost grows with
+  the columns: 10,000 of them made a 2-row MERGE take minutes). Once a field
+  would pass the limit the table gets one overflow column (`_overflow`, role
+  `overflow`), JSON text of an object holding, whole, every field of the row
+  that has no column. From then on no value column is added: which fields have
+  columns never changes, whatever the limit is later set to. A reader merges
+  the object's fields into the row's.
 
 The table schema is the record of these decisions: every column carries field
 metadata (`cdc.field`, `cdc.kind`, `cdc.role`) written in the same commit that
@@ -58,7 +65,9 @@ Kind = Literal[
     "json",
     "other",
 ]
-Role = Literal["value", "json_fallback", "meta"]
+Role = Literal["value", "json_fallback", "meta", "overflow"]
+OVERFLOW = "_overflow"  # the overflow column's name, unless a field took it first
+DEFAULT_MAX_COLUMNS = 1000
 
 BSON_TIMESTAMP = pa.struct([pa.field("t", pa.int64()), pa.field("i", pa.int64())])
 TIMESTAMP_UTC = pa.timestamp("us", tz="UTC")
@@ -214,6 +223,7 @@ class Layout:
         self.columns: list[Column] = []
         self.value: dict[str, Column] = {}
         self.fallback: dict[str, Column] = {}
+        self.overflow: Column | None = None  # JSON object of the fields without a column
         self._taken: set[str] = set()
         for c in columns:
             self._add(c)
@@ -225,6 +235,8 @@ class Layout:
             self.value[c.field] = c  # type: ignore[index]
         elif c.role == "json_fallback":
             self.fallback[c.field] = c  # type: ignore[index]
+        elif c.role == "overflow":
+            self.overflow = c
 
     @classmethod
     def from_schema(cls, schema: pa.Schema, meta: Mapping[str, Column]) -> Layout:
@@ -235,6 +247,8 @@ class Layout:
             role = md.get("cdc.role")
             if role in ("value", "json_fallback"):
                 cols.append(Column(f.name, md["cdc.kind"], role, md.get("cdc.field", f.name)))
+            elif role == "overflow":
+                cols.append(Column(f.name, "json", "overflow"))
             elif role == "meta" or f.name in meta:
                 cols.append(meta.get(f.name) or Column(f.name, "other", "meta", arrow_type=f.type))
             else:  # a column from another writer: keep its type, send what doesn't fit to a fallback
@@ -260,18 +274,35 @@ class Layout:
             self._add(c)
         return new
 
-    def plan(self, kinds: Mapping[str, frozenset[str]], first: FirstKind) -> list[Column]:
+    def overflows(self, field: str) -> bool:
+        """Whether the field's values go to the overflow column (it has no column of its own)."""
+        return self.overflow is not None and field not in self.value
+
+    def plan(
+        self,
+        kinds: Mapping[str, frozenset[str]],
+        first: FirstKind,
+        max_columns: int = DEFAULT_MAX_COLUMNS,
+    ) -> list[Column]:
         """Add the columns this batch needs (new fields, first drift of a field); return them.
 
         A new field takes the kind of its first value in change order, which
         `first` finds (in merge mode an earlier change of a document may have
-        held another kind than the collapsed row does).
+        held another kind than the collapsed row does). Past `max_columns`
+        value columns, or once the table has an overflow column, a new field
+        gets none: the overflow column (added the first time) holds it.
         """
         new = []
         for field, ks in kinds.items():
             if not ks:  # only nulls: nothing to decide, absent and null read the same
                 continue
             main = self.value.get(field)
+            if main is None and (self.overflow is not None or len(self.value) >= max_columns):
+                if self.overflow is None:
+                    self.overflow = Column(self.claim(OVERFLOW), "json", "overflow")
+                    self._add(self.overflow)
+                    new.append(self.overflow)
+                continue
             if main is None:
                 kind = first(field)
                 c = Column(self.claim(field), kind, "value", field)
@@ -393,14 +424,44 @@ def to_array(values: list[Any], column: Column) -> pa.Array:
     return pa.array(values, column.type)
 
 
+def overflow_objects(layout: Layout, values: Mapping[str, list[Any]], n: int) -> list[dict[str, Any] | None]:
+    """Per row, the object of its non-null fields without a column (None when it has none)."""
+    rows: list[dict[str, Any] | None] = [None] * n
+    if layout.overflow is None:
+        return rows
+    for field, col in values.items():
+        if field in layout.value:
+            continue
+        for i, v in enumerate(col):
+            if v is not None:
+                d = rows[i]
+                if d is None:
+                    d = rows[i] = {}
+                d[field] = v
+    return rows
+
+
 def build_arrays(
-    layout: Layout, values: Mapping[str, list[Any]], kinds: Mapping[str, frozenset[str]]
+    layout: Layout,
+    values: Mapping[str, list[Any]],
+    kinds: Mapping[str, frozenset[str]],
+    overflow: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, pa.Array]:
-    """Arrays per column name for the fields in `values`; needs `layout.plan(kinds)` done first."""
+    """Arrays per column name for the fields in `values`; needs `layout.plan(kinds)` done first.
+
+    The overflow column (when the table has one) holds `overflow`, per row, or
+    else the row's fields without a column (`overflow_objects`).
+    """
     out: dict[str, pa.Array] = {}
+    if layout.overflow is not None:
+        n = len(next(iter(values.values()))) if values else 0
+        if overflow is None:
+            overflow = overflow_objects(layout, values, n)
+        if overflow and any(d is not None for d in overflow):
+            out[layout.overflow.name] = json_array(overflow)
     for field, col in values.items():
         main = layout.value.get(field)
-        if main is None:  # all-null field without a column: nothing to store
+        if main is None:  # all-null field without a column, or one in the overflow column
             continue
         ok = ACCEPTS[main.kind]
         fb = layout.fallback.get(field)

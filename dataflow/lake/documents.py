@@ -3,8 +3,9 @@
 An update that reaches inside a field (`a.b`, `arr.1`) changes a value the
 pipeline stored earlier, so the writer reads that value back; a rename moves
 every document to another table; readers and tests compare documents. Each
-field is its value column, or, where that is null, its JSON-text companion.
-JSON text is decoded as Extended JSON, the way it was written.
+field is its value column, or, where that is null, its JSON-text companion;
+a field without a column (a table past its column limit) is in the row's
+overflow object. JSON text is decoded as Extended JSON, the way it was written.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ def read_documents(
             fb = layout.fallback.get(name)
             if fb is not None:
                 columns.append((name, fb))
-    names = list(dict.fromkeys([by, *[c.name for _, c in columns], *meta]))
+    spill = layout.overflow
+    if spill is not None and wanted is not None and wanted <= layout.value.keys():
+        spill = None  # every field wanted has a column: the overflow holds none of them
+    extra_cols = [] if spill is None else [spill.name]
+    names = list(dict.fromkeys([by, *[c.name for _, c in columns], *extra_cols, *meta]))
     flt = where
     if ids is not None:
         ids = list(ids)
@@ -96,7 +101,36 @@ def read_documents(
         for i, v in zip(rows, column_values(table.column(c.name), c), strict=True):
             if v is not None and docs[i].get(name) is None:
                 docs[i][name] = v
+    if spill is not None:
+        for i, obj in zip(rows, column_values(table.column(spill.name), spill), strict=True):
+            if obj:
+                merge_overflow(docs[i], obj, wanted)
     return {i: docs[i] for i in order}
+
+
+def merge_overflow(doc: dict[str, Any], obj: dict[str, Any], wanted: set[str] | None = None) -> None:
+    """Add an overflow object's fields (those `wanted`) to a document; a column's value wins."""
+    for f, v in obj.items():
+        if v is not None and (wanted is None or f in wanted) and doc.get(f) is None:
+            doc[f] = v
+
+
+def read_overflow(dt: DeltaTable, layout: Layout, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The stored overflow object of each `_key` in `keys` that has one (a patch rewrites it whole)."""
+    keys = list(keys)
+    if layout.overflow is None or not keys:
+        return {}
+    table = dt.to_pyarrow_dataset().to_table(columns=["_key", layout.overflow.name])
+    table = table.filter(pc.field("_key").isin(keys))
+    out = {}
+    for k, obj in zip(
+        table.column("_key").to_pylist(),
+        column_values(table.column(layout.overflow.name), layout.overflow),
+        strict=True,
+    ):
+        if obj:
+            out[k] = obj
+    return out
 
 
 def table_documents(uri: str, storage_options: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
