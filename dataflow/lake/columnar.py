@@ -10,6 +10,8 @@ is a top-level partial update. Those rows go to the MERGE straight from the
 changelog's columns. The rest (updates inside fields, partial updates after
 other changes, several partitions, replays, rows of older changelogs without
 `_set`) go the Python way, `dataflow.lake.writer.collapse`, with the same result.
+So does a round that touches fields without a column (a table past its column
+limit): an overflow object is JSON text a patch must combine with the stored one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dataflow.lake.columns import ACCEPTS, Layout
+from dataflow.lake.columns import ACCEPTS, DEFAULT_MAX_COLUMNS, Layout
 from dataflow.model import DDL_OPS
 
 # The changelog's row metadata a mirror row takes over as it is.
@@ -109,14 +111,35 @@ def _has_values(table: pa.Table, name: str) -> bool:
     return name in table.column_names and table.column(name).null_count < table.num_rows
 
 
-def split(feed: pa.Table, changelog: Layout, mirror: Layout) -> tuple[Direct | None, pa.Table]:
+def _spills(feed: pa.Table, changelog: Layout, mirror: Layout, max_columns: int) -> bool:
+    """Whether the round touches a field without a column, in the changelog or the mirror.
+
+    Wide documents are rare: such a round goes the Python way whole, which
+    combines overflow objects (`DeltaTableWriter._overflow_rows`).
+    """
+    if changelog.overflow is not None and _has_values(feed, changelog.overflow.name):
+        return True
+    fields = {f for f, c in changelog.value.items() if _has_values(feed, c.name)}
+    for name in ("_set", "_removed"):
+        if name in feed.column_names:
+            fields.update(v for v in pc.unique(pc.list_flatten(feed.column(name))).to_pylist() if v)
+    if changelog.overflow is not None and any(f not in changelog.value for f in fields):
+        return True  # a partial update removing a field the changelog keeps in its overflow
+    new = [f for f in fields if f not in mirror.value]
+    return bool(new) and (mirror.overflow is not None or len(mirror.value) + len(new) > max_columns)
+
+
+def split(
+    feed: pa.Table, changelog: Layout, mirror: Layout, max_columns: int = DEFAULT_MAX_COLUMNS
+) -> tuple[Direct | None, pa.Table]:
     """The documents whose changes collapse column-wise, and the changelog rows of all others.
 
     `feed` is a round's changelog rows in commit order; the rows returned keep
     that order. None when no document qualifies, or when the round holds a drop
-    or rename (those split the round in the writer) or fields whose mirror
-    columns hold another kind (a mirror from an older version): then every
-    row goes the Python way.
+    or rename (those split the round in the writer), fields whose mirror
+    columns hold another kind (a mirror from an older version), or fields
+    without a column (`_spills`; `max_columns` is the mirror's limit): then
+    every row goes the Python way.
     """
     n = feed.num_rows
     if n == 0 or "_set" not in feed.column_names:
@@ -125,6 +148,8 @@ def split(feed: pa.Table, changelog: Layout, mirror: Layout) -> tuple[Direct | N
     if pc.any(pc.is_in(op, value_set=pa.array(sorted(DDL_OPS), pa.string()))).as_py():
         return None, feed
     if any(c.kind not in ACCEPTS for c in (*changelog.value.values(), *changelog.fallback.values())):
+        return None, feed
+    if _spills(feed, changelog, mirror, max_columns):
         return None, feed
     order = pc.sort_indices(feed, [("_key", "ascending"), ("_source_offset", "ascending")])
     s = feed.select(["_key", "_source_topic", "_source_partition"]).take(order)

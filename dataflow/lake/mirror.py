@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from dataflow.lake.changelog import Changelog, Version
 from dataflow.lake.columnar import split
+from dataflow.lake.columns import DEFAULT_MAX_COLUMNS
 from dataflow.lake.writer import DeltaTableWriter
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Mirror:
         clock: Callable[[], float] = time.time,
         read: Callable[[Callable[[], T], str], T] | None = None,
         columnar: bool = True,
+        max_columns: int = DEFAULT_MAX_COLUMNS,
     ) -> None:
         self.table = f"{db}.{collection}"
         self.changelog = Changelog(changelog_uri, db, collection, storage_options)
@@ -93,6 +95,7 @@ class Mirror:
             pipeline=pipeline,
             storage_options=storage_options,
             table_of=target_changelog,
+            max_columns=max_columns,
         )
         self.app = mark_app(pipeline)
         self.max_rows = max_rows
@@ -146,7 +149,8 @@ class Mirror:
         kinds = self._read(self.changelog.layout, "changelog_feed")
         direct = None
         if self.columnar:
-            direct, feed = split(feed, kinds, self._read(self.writer.layout, "mirror_layout"))
+            mirror = self._read(self.writer.layout, "mirror_layout")
+            direct, feed = split(feed, kinds, mirror, self.writer.max_columns)
         events = self.changelog.to_events(feed, kinds)
         result = self.writer.apply(events, (self.app, last), kinds=kinds, direct=direct)
         metrics = self.writer.last_merge if result.committed else {}

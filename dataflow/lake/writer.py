@@ -40,6 +40,7 @@ from dataflow.decode.updates import Update
 from dataflow.lake.columnar import Direct
 from dataflow.lake.columns import (
     ACCEPTS,
+    DEFAULT_MAX_COLUMNS,
     Column,
     FirstKind,
     Layout,
@@ -47,8 +48,9 @@ from dataflow.lake.columns import (
     field_columns,
     json_array,
     kind_of,
+    overflow_objects,
 )
-from dataflow.lake.documents import read_documents
+from dataflow.lake.documents import read_documents, read_overflow
 from dataflow.model import DDL_OPS, ChangeEvent
 from dataflow.runtime.failures import ConfigError, Kind, Unavailable, classify
 
@@ -362,6 +364,7 @@ class DeltaTableWriter:
         checkpoint_interval: int = 100,
         writer_properties: WriterProperties | None = WRITER_PROPERTIES,
         table_of: Callable[[str, str], DeltaTableWriter] | None = None,
+        max_columns: int = DEFAULT_MAX_COLUMNS,
     ) -> None:
         if mode not in ("merge", "append"):
             raise ValueError(f"mode must be 'merge' or 'append', not {mode!r}")
@@ -375,6 +378,7 @@ class DeltaTableWriter:
         self._dt: DeltaTable | None = None
         self._table_of = table_of  # a rename's target: its changelog's writer, or its mirror's
         self._hooks = _CHANGELOG_HOOKS if mode == "append" else None
+        self.max_columns = max_columns  # value columns before fields go to the overflow column
         self.last_merge: dict[str, Any] = {}  # delta-rs' metrics of the last MERGE
 
     def app_id(self, topic: str, partition: int) -> str:
@@ -709,7 +713,7 @@ class DeltaTableWriter:
 
             missing = layout.missing(self._meta.values())
             self._check_keys(dt, missing)
-            new = layout.plan(planned, _first_kinds(fresh, values, kinds)) + missing
+            new = layout.plan(planned, _first_kinds(fresh, values, kinds), self.max_columns) + missing
             if new or dt is None:
                 try:
                     self._add_columns(dt, layout, new)
@@ -721,10 +725,15 @@ class DeltaTableWriter:
                         raise
                 continue
 
-            if direct is not None and not direct.fits(layout):
+            if direct is not None and (
+                not direct.fits(layout) or any(layout.overflows(f) for f in direct.kinds())
+            ):
                 # a rival writer gave a field a column of another kind since the round was split
                 raise Unavailable(f"the columns of {self.uri} changed under the round; it is retried")
-            arrays = build_arrays(layout, values, field_kinds)
+            spilled = None
+            if self.mode == "merge" and layout.overflow is not None:
+                spilled = self._overflow_rows(dt, layout, rows, values)
+            arrays = build_arrays(layout, values, field_kinds, spilled)
             arrays.update(self._meta_arrays(rows))
             columns = [arrays[c.name] if c.name in arrays else pa.nulls(n, c.type) for c in layout.columns]
             schema = layout.schema()
@@ -785,6 +794,37 @@ class DeltaTableWriter:
             fields |= e.change.fields()
         docs = read_documents(dt, layout, ids={e.key for e in nested}, fields=fields, by="_key")
         return lambda i: docs.get(i, _NO_FIELDS)
+
+    def _overflow_rows(
+        self, dt: DeltaTable | None, layout: Layout, rows: list[_Row], values: dict[str, list[Any]]
+    ) -> list[dict[str, Any] | None]:
+        """Each merge row's overflow object: an upsert's own; a patch's stored one with its changes.
+
+        A patch writes the overflow column whole, so one that sets or removes
+        fields without a column starts from the object stored for its key
+        (read in one scan) and carries the combined object.
+        """
+        objs = overflow_objects(layout, values, len(rows))
+        patched = [
+            i
+            for i, r in enumerate(rows)
+            if r.action == "patch" and any(layout.overflows(f) for f in r.values or _NO_FIELDS)
+        ]
+        if not patched:
+            return objs
+        stored = {} if dt is None else read_overflow(dt, layout, {rows[i].key for i in patched})
+        for i in patched:
+            r = rows[i]
+            obj = dict(stored.get(r.key, _NO_FIELDS))
+            for f, v in (r.values or _NO_FIELDS).items():
+                if not layout.overflows(f):
+                    continue
+                if v is None:
+                    obj.pop(f, None)
+                else:
+                    obj[f] = v
+            objs[i] = obj or None
+        return objs
 
     def _add_columns(self, dt: DeltaTable | None, layout: Layout, new: list[Column]) -> None:
         """Record new columns, with their type decisions as field metadata, in one commit."""
@@ -885,8 +925,12 @@ class DeltaTableWriter:
         replay = layout.claim("__cdc_replayed")
         src = src.append_column(replay, replayed)
         patch_set: dict[str, str] = {}
+        spill: pa.Array | None = None  # rows whose patch changes the overflow object
         for j, (k, m) in enumerate(set_by.items()):
             main = layout.value.get(k)
+            if main is None and layout.overflows(k):
+                spill = m if spill is None else pc.or_(spill, m)
+                continue
             if main is None:  # a field removed but never stored: nothing to clear
                 continue
             name = layout.claim(f"__cdc_set_{j}")
@@ -896,6 +940,10 @@ class DeltaTableWriter:
                     patch_set[_q(c.name)] = (
                         f"CASE WHEN s.{_q(name)} THEN s.{_q(c.name)} ELSE t.{_q(c.name)} END"
                     )
+        if spill is not None and layout.overflow is not None:
+            name, o = layout.claim("__cdc_set_overflow"), _q(layout.overflow.name)
+            src = src.append_column(name, spill)
+            patch_set[o] = f"CASE WHEN s.{_q(name)} THEN s.{o} ELSE t.{o} END"
         kinds_of_action = set(pc.unique(actions).to_pylist())
         cols = [c.name for c in layout.columns]
         guard = _GUARD.format(replayed=_q(replay))
