@@ -33,6 +33,7 @@ from dataflow.batch.tables import BatchLimits
 from dataflow.decode.envelopes import Decoder
 from dataflow.decode.formats import Format, TopicTables, regex_problem
 from dataflow.dlq.writer import DLQConfig
+from dataflow.lake.columns import DEFAULT_MAX_COLUMNS
 from dataflow.lake.layout import TableLocations, TableMode
 from dataflow.lake.maintenance import DEFAULT_TARGET_BYTES, MaintenancePolicy
 from dataflow.lake.mirror import DEFAULT_ROUND_ROWS
@@ -160,6 +161,7 @@ class LakeSettings:
     tombstone_retention_hours: float = 168.0
     maintenance: MaintenancePolicy = field(default_factory=MaintenancePolicy)
     maintenance_interval_s: float = 600.0  # per table, by the thread that writes it
+    max_columns: int = DEFAULT_MAX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ class Settings(BaseModel):
     tombstone_retention_hours: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_TOMBSTONE_RETENTION_HOURS", default=168.0
     )
+    # Value columns a table gets; the fields past them go, whole, into one JSON overflow column
+    max_columns: Count = _var("CDC_MAX_COLUMNS", default=DEFAULT_MAX_COLUMNS)
     # Table maintenance (`cdc maintain`): compaction, vacuum, checkpoints, log clean-up
     maintenance: Flag = _var("CDC_MAINTENANCE", default=True)
     compact_target_bytes: Annotated[int, Field(ge=1024 * 1024), DEFAULT] = _var(
@@ -447,6 +451,7 @@ class Settings(BaseModel):
             tombstone_retention_hours=self.tombstone_retention_hours,
             maintenance=self.maintenance_policy,
             maintenance_interval_s=self.maintenance_interval_minutes * 60,
+            max_columns=self.max_columns,
         )
 
     @property

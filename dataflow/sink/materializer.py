@@ -23,6 +23,7 @@ import time
 import zlib
 from collections.abc import Callable
 
+from dataflow.lake.columns import DEFAULT_MAX_COLUMNS
 from dataflow.lake.layout import TableLocations
 from dataflow.lake.mirror import Mirror, Round
 from dataflow.lake.storage import health_probe
@@ -67,6 +68,7 @@ def new_materializer(
             recovery_timeout=retry.breaker_reset_seconds,
         ),
         round_rows=lake.mirror_round_rows,
+        max_columns=lake.max_columns,
         tombstone_retention_s=lake.tombstone_retention_hours * 3600,
         upkeep=Upkeep(
             lake.tables.lake_uri,
@@ -97,6 +99,7 @@ class Materializer:
         retry: RetryPolicy,
         breaker: StorageBreaker | None = None,
         round_rows: int,
+        max_columns: int = DEFAULT_MAX_COLUMNS,
         tombstone_retention_s: float,
         upkeep: Upkeep | None = None,
         startup: Callable[[], list[Table]] = list,
@@ -109,6 +112,7 @@ class Materializer:
         self.retry = retry
         self.breaker = breaker
         self.round_rows = round_rows
+        self.max_columns = max_columns
         self.tombstone_retention_s = tombstone_retention_s
         self.upkeep = upkeep  # compaction and vacuum of the mirrors, between their rounds
         self.idle_seconds = idle_seconds
@@ -178,6 +182,7 @@ class Materializer:
                 pipeline=self.pipeline,
                 storage_options=self.storage_options,
                 max_rows=self.round_rows,
+                max_columns=self.max_columns,
                 target_changelog=self._changelog,
                 read=lambda fn, operation: self.retry.call(fn, operation=operation, breaker=self.breaker),
             )
@@ -193,6 +198,7 @@ class Materializer:
                 mode="append",
                 pipeline=self.pipeline,
                 storage_options=self.storage_options,
+                max_columns=self.max_columns,
             )
         return self._changelogs[key]
 

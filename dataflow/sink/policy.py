@@ -65,6 +65,7 @@ class CommitPolicy:
         self.tables = lake.tables
         self.dlq = dlq
         self.pipeline = lake.pipeline_name
+        self.max_columns = lake.max_columns
         self.storage_options = lake.storage_options or None
         self.retry = retry
         self.breaker = breaker
@@ -92,6 +93,7 @@ class CommitPolicy:
                 mode="append",
                 pipeline=self.pipeline,
                 storage_options=self.storage_options,
+                max_columns=self.max_columns,
             )
         return self.writers[key]
 
