@@ -74,16 +74,18 @@ def pipeline_rows(config: dict[str, Any]) -> str:
 
 KEPT = "## Measured decisions"
 TABLE_SIZE = "## Table size"  # written by `python -m bench.table_size`, just above `KEPT`
+MAINTENANCE = "## Table maintenance"  # written by `python -m bench.maintenance`, just above `KEPT`
 
 
 def kept_section(path: Path) -> str:
-    """The part of RESULTS.md this run keeps: from `TABLE_SIZE` (or `KEPT`) on.
+    """The part of RESULTS.md this run keeps: from `TABLE_SIZE`, `MAINTENANCE` or `KEPT` on.
 
     `KEPT` is kept by hand: the figures behind the code's defaults. `TABLE_SIZE`
-    is another benchmark's. A run rewrites the tables above them and keeps them as they are.
+    and `MAINTENANCE` are other benchmarks'. A run rewrites the tables above them
+    and keeps them as they are.
     """
     text = path.read_text() if path.exists() else ""
-    found = [at for at in (text.find(TABLE_SIZE + "\n"), text.find(KEPT)) if at >= 0]
+    found = [at for at in (text.find(s + "\n") for s in (TABLE_SIZE, MAINTENANCE, KEPT)) if at >= 0]
     return "" if not found else "\n" + text[min(found) :].rstrip() + "\n"
 
 

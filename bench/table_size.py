@@ -807,11 +807,11 @@ def _mirror_row(s: dict[str, Any], r: dict[str, Any]) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the `SECTION` part of RESULTS.md (up to the next `## ` heading), or insert it before
+def write_section(path: Path, section: str, title: str = SECTION) -> None:
+    """Replace the `title` part of RESULTS.md (up to the next `## ` heading), or insert it before
     "## Measured decisions" (or at the end); everything else stays as it is."""
     text = path.read_text() if path.exists() else ""
-    at = text.find("\n" + SECTION + "\n")
+    at = text.find("\n" + title + "\n")
     if at >= 0:
         end = text.find("\n## ", at + 1)
         text = text[: at + 1] + section + (text[end:] if end >= 0 else "")
