@@ -60,15 +60,23 @@ TABLE_DOCS ?= 5000000
 TABLE_UPDATES ?= 1000000
 TABLE_SWEEP ?= 250000,1000000,5000000
 TABLE_SIZE_ARGS ?=
+# Then table maintenance (bench/maintenance.py): MAINTENANCE_EVENTS append events, files and read times
+# before and after maintain_lake; MAINTENANCE=0 skips it.
+MAINTENANCE ?= 1
+MAINTENANCE_EVENTS ?= 1000000
+MAINTENANCE_ARGS ?=
 
 ## bench: floor vs hand-written baseline vs this pipeline, and latency; EVENTS=..., BENCH_ARGS=...;
-## then merge mode against the table size (bench/table_size.py); TABLE_DOCS, TABLE_UPDATES, TABLE_SWEEP
+## then merge mode against the table size (bench/table_size.py); TABLE_DOCS, TABLE_UPDATES, TABLE_SWEEP;
+## then table maintenance (bench/maintenance.py); MAINTENANCE_EVENTS
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench --events $(EVENTS) $(BENCH_ARGS)
 	@if [ "$(TABLE_SIZE)" != 0 ]; then \
 	  $(PY) -m bench.table_size --docs $(TABLE_DOCS) --updates $(TABLE_UPDATES) --sweep $(TABLE_SWEEP) \
 	    $(TABLE_SIZE_ARGS); fi
+	@if [ "$(MAINTENANCE)" != 0 ]; then \
+	  $(PY) -m bench.maintenance --events $(MAINTENANCE_EVENTS) $(MAINTENANCE_ARGS); fi
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache
