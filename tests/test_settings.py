@@ -18,7 +18,7 @@ def test_defaults_run_the_embedded_sample() -> None:
 
 
 def test_the_column_limit_reaches_the_lake_settings() -> None:
-    assert Settings.from_env({}).lake.max_columns == 1000
+    assert Settings.from_env({}).lake.max_columns == 500
     assert Settings.from_env({"CDC_MAX_COLUMNS": "50"}).lake.max_columns == 50
     with pytest.raises(SettingsError, match="CDC_MAX_COLUMNS"):
         Settings.from_env({"CDC_MAX_COLUMNS": "0"})

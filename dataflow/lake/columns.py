@@ -67,7 +67,7 @@ Kind = Literal[
 ]
 Role = Literal["value", "json_fallback", "meta", "overflow"]
 OVERFLOW = "_overflow"  # the overflow column's name, unless a field took it first
-DEFAULT_MAX_COLUMNS = 1000
+DEFAULT_MAX_COLUMNS = 500
 
 BSON_TIMESTAMP = pa.struct([pa.field("t", pa.int64()), pa.field("i", pa.int64())])
 TIMESTAMP_UTC = pa.timestamp("us", tz="UTC")
