@@ -454,6 +454,57 @@ def test_the_materializer_thread_catches_up_and_hands_over_what_stops_it(lake) -
         m.stop()
 
 
+def test_a_busy_tables_rounds_wait_for_a_share_of_the_mirror_or_a_pause(lake) -> None:
+    """While commits keep coming, a round waits until its changes are a tenth of the mirror's
+    rows; once they pause, the mirror catches up at once."""
+    from dataflow.runtime.retry import RetryPolicy
+    from dataflow.sink.materializer import Materializer, Pace
+
+    t = TableLocations(lake)
+    log = changelog(lake)
+    m = Materializer(
+        t,
+        pipeline="cdc",
+        storage_options=None,
+        retry=RetryPolicy(initial=0.01, cap=0.05),
+        round_rows=10_000,
+        pace=Pace(fraction=0.1, max_wait_s=600, quiet_s=3.0),
+        tombstone_retention_s=3600,
+        idle_seconds=0.05,
+    )
+    m.start()
+    try:
+        log.write([ev(f"d{i}", doc={"n": i}, offset=i) for i in range(200)])
+        m.notify(DB, COLL, 200)
+        deadline = time.monotonic() + 30  # the first round at once: the mirror's size is not known
+        while m.mirror(DB, COLL).lag().changes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(docs(lake)) == 200
+        applied = m.mirror(DB, COLL).applied()
+        offset = 200
+        for _ in range(6):  # 3 changes a commit, commits faster than the pause: 18 < 10% of 200
+            log.write([ev(f"d{offset + i - 200}", doc={"n": -1}, offset=offset + i) for i in range(3)])
+            offset += 3
+            m.notify(DB, COLL, 3)
+            time.sleep(0.2)
+        lag = m.mirror(DB, COLL).lag()
+        assert lag.applied == applied and lag.changes == 18  # no round: too small, no pause yet
+        log.write([ev(f"d{i}", doc={"n": -2}, offset=offset + i) for i in range(5)])
+        m.notify(DB, COLL, 5)  # 23 >= 20: a round, though commits are still coming
+        deadline = time.monotonic() + 30
+        while m.mirror(DB, COLL).lag().changes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert m.mirror(DB, COLL).lag().caught_up
+        log.write([ev("d0", "delete", offset=offset + 5)])
+        m.notify(DB, COLL, 1)  # one change, then a pause: applied after quiet_s
+        started = time.monotonic()
+        while "d0" in docs(lake) and time.monotonic() < started + 30:
+            time.sleep(0.1)
+        assert "d0" not in docs(lake) and time.monotonic() - started >= 2.0
+    finally:
+        m.stop()
+
+
 # ------------------------------------------------------------------ the README's SQL
 
 

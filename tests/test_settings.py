@@ -11,7 +11,7 @@ def test_defaults_run_the_embedded_sample() -> None:
     s = Settings.from_env({})
     assert s.brokers is None and s.stop_at_end
     assert s.table_mode == "merge" and s.batch_max_rows == 10_000
-    assert s.materializer == "embedded" and s.mirror_round_rows == 250_000
+    assert s.materializer == "embedded" and s.mirror_round_rows == 500_000
     assert Settings.from_env({"CDC_TABLE_MODE": "append"}).batch_max_rows == 10_000
     assert Settings.from_env({"CDC_TABLE_MODE": "merge", "CDC_BATCH_MAX_ROWS": "500"}).batch_max_rows == 500
     assert s.lake.tables.uri("shop", "orders", "merge").endswith("/data/lake/shop/orders")

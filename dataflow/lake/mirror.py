@@ -32,7 +32,7 @@ from dataflow.lake.writer import DeltaTableWriter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_ROUND_ROWS = 250_000
+DEFAULT_ROUND_ROWS = 500_000
 
 
 def mark_app(pipeline: str) -> str:
@@ -66,6 +66,7 @@ class Round:
     seconds: float
     appended: bool  # only new documents: appended, no MERGE
     lag: Lag  # after the round
+    mirror_rows: int = 0  # rows in the mirror afterwards, tombstones included
 
 
 class Mirror:
@@ -170,6 +171,7 @@ class Mirror:
             seconds=seconds,
             appended=appended,
             lag=self._lag(last, rest),
+            mirror_rows=self.writer.rows(),
         )
 
     def catch_up(self, *, max_rounds: int | None = None) -> list[Round]:

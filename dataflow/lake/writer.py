@@ -473,6 +473,13 @@ class DeltaTableWriter:
             return dataclasses.replace(prepared, committed=True, version=self.version)
         return prepared
 
+    def rows(self) -> int:
+        """Rows in the table as last loaded, from its file statistics (no data read)."""
+        if self._dt is None:
+            return 0
+        counts = self._dt.get_add_actions(flatten=True).column("num_records").to_pylist()
+        return sum(n for n in counts if n is not None)
+
     def layout(self) -> Layout:
         """The table's columns as of its latest version."""
         return self._layout(self._refresh())

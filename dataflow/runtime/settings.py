@@ -158,6 +158,8 @@ class LakeSettings:
     pipeline_name: str = "cdc"
     materializer: Literal["embedded", "off"] = "embedded"
     mirror_round_rows: int = DEFAULT_ROUND_ROWS
+    mirror_round_fraction: float = 0.1
+    mirror_max_wait_s: float = 60.0
     tombstone_retention_hours: float = 168.0
     maintenance: MaintenancePolicy = field(default_factory=MaintenancePolicy)
     maintenance_interval_s: float = 600.0  # per table, by the thread that writes it
@@ -273,6 +275,12 @@ class Settings(BaseModel):
     # "off": by `cdc materialize`, run apart)
     materializer: Literal["embedded", "off"] = _var("CDC_MATERIALIZER", default="embedded")
     mirror_round_rows: Count = _var("CDC_MIRROR_ROUND_ROWS", default=DEFAULT_ROUND_ROWS)
+    mirror_round_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False), DEFAULT] = _var(
+        "CDC_MIRROR_ROUND_FRACTION", default=0.1
+    )
+    mirror_max_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
+        "CDC_MIRROR_MAX_WAIT_SECONDS", default=60.0
+    )
     tombstone_retention_hours: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_TOMBSTONE_RETENTION_HOURS", default=168.0
     )
@@ -448,6 +456,8 @@ class Settings(BaseModel):
             pipeline_name=self.pipeline_name,
             materializer=self.materializer,
             mirror_round_rows=self.mirror_round_rows,
+            mirror_round_fraction=self.mirror_round_fraction,
+            mirror_max_wait_s=self.mirror_max_wait_seconds,
             tombstone_retention_hours=self.tombstone_retention_hours,
             maintenance=self.maintenance_policy,
             maintenance_interval_s=self.maintenance_interval_minutes * 60,

@@ -8,6 +8,12 @@ goes on reading meanwhile. At start it also takes the tables of the lake whose
 name hashes to its worker: a mirror a crash left behind catches up even if its
 collection sees no new change.
 
+While a table's changes keep coming, its next round waits (`Pace`): a MERGE
+rewrites about the whole mirror whatever it holds, so a round is worth its
+rewrite once its changes are a fair share of the mirror, or once its oldest
+change has waited long enough. A table whose commits pause is caught up at
+once, and so is every table at the end of the input.
+
 Storage outages are waited out under the commit retry policy and the breaker.
 Anything else stops the dataflow, even one that receives nothing more: the
 thread requests a shutdown, the input ends, and the sink raises the error as it
@@ -22,6 +28,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dataflow.lake.columns import DEFAULT_MAX_COLUMNS
 from dataflow.lake.layout import TableLocations
@@ -68,6 +75,7 @@ def new_materializer(
             recovery_timeout=retry.breaker_reset_seconds,
         ),
         round_rows=lake.mirror_round_rows,
+        pace=Pace(fraction=lake.mirror_round_fraction, max_wait_s=lake.mirror_max_wait_s),
         max_columns=lake.max_columns,
         tombstone_retention_s=lake.tombstone_retention_hours * 3600,
         upkeep=Upkeep(
@@ -80,6 +88,30 @@ def new_materializer(
         startup=startup,
         stop_flow_on_error=stop_flow_on_error,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """When a busy table's next round starts (CDC_MIRROR_ROUND_FRACTION, CDC_MIRROR_MAX_WAIT_SECONDS).
+
+    Rounds of a tenth of the mirror rewrite about ten rows per change whatever
+    the table's size; a round that would rather wait never waits longer than
+    `max_wait_s`, nor once the table's commits have paused for `quiet_s`.
+    """
+
+    fraction: float = 0.1  # of the mirror's rows
+    max_wait_s: float = 60.0
+    quiet_s: float = 1.0
+
+
+@dataclass(slots=True)
+class _Backlog:
+    """What the sink committed to a table's changelog that no round has taken yet (as far as known)."""
+
+    rows: int = 0
+    since: float | None = None  # when the oldest of them was committed (monotonic)
+    last_commit: float = 0.0
+    mirror_rows: int | None = None  # the mirror's rows after its last round (None: not known yet)
 
 
 def owner(table: str, workers: int) -> int:
@@ -99,6 +131,7 @@ class Materializer:
         retry: RetryPolicy,
         breaker: StorageBreaker | None = None,
         round_rows: int,
+        pace: Pace | None = None,
         max_columns: int = DEFAULT_MAX_COLUMNS,
         tombstone_retention_s: float,
         upkeep: Upkeep | None = None,
@@ -112,6 +145,7 @@ class Materializer:
         self.retry = retry
         self.breaker = breaker
         self.round_rows = round_rows
+        self.pace = pace if pace is not None else Pace(fraction=0.0)  # without one: a round at once
         self.max_columns = max_columns
         self.tombstone_retention_s = tombstone_retention_s
         self.upkeep = upkeep  # compaction and vacuum of the mirrors, between their rounds
@@ -120,6 +154,8 @@ class Materializer:
         self._startup = startup
         self._mirrors: dict[Table, Mirror] = {}
         self._dirty: dict[Table, None] = {}  # ordered set: tables that may have changes to apply
+        self._backlog: dict[Table, _Backlog] = {}  # the sink's commits since each table's last round
+        self._draining = False  # every table's rounds at once: the end of the input
         self._purged: dict[Table, float] = {}
         self._changelogs: dict[Table, DeltaTableWriter] = {}
         self._cond = threading.Condition()
@@ -136,11 +172,30 @@ class Materializer:
         self._thread = threading.Thread(target=self._run, name="materializer", daemon=True)
         self._thread.start()
 
-    def notify(self, db: str, collection: str) -> None:
-        """A batch of this table landed in its changelog."""
+    def notify(self, db: str, collection: str, rows: int | None = None) -> None:
+        """A batch of `rows` changes of this table landed in its changelog (None: look again)."""
         with self._cond:
+            if rows is not None:
+                now = time.monotonic()
+                b = self._backlog.setdefault((db, collection), _Backlog())
+                b.rows += rows
+                b.last_commit = now
+                if b.since is None:
+                    b.since = now
             self._dirty[(db, collection)] = None
             self._cond.notify()
+
+    def _due(self, table: Table, now: float) -> bool:
+        """Whether the table's next round starts now, or waits for more changes (`Pace`)."""
+        b = self._backlog.get(table)
+        if self._draining or b is None or b.mirror_rows is None or b.since is None:
+            return True  # not told of commits (cdc materialize), or nothing known of the mirror yet
+        p = self.pace
+        return (
+            now - b.last_commit >= p.quiet_s
+            or now - b.since >= p.max_wait_s
+            or b.rows >= min(p.fraction * b.mirror_rows, self.round_rows)
+        )
 
     def check(self) -> None:
         """Raise what stopped the thread, if anything did."""
@@ -151,6 +206,7 @@ class Materializer:
         """Until every table it knows is caught up (the sink has committed everything by then)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            self._draining = True
             for t in self._mirrors:
                 self._dirty[t] = None
             self._cond.notify()
@@ -208,14 +264,17 @@ class Materializer:
                 self._dirty[t] = None
             while True:
                 with self._cond:
-                    while not self._dirty and not self._stop:
-                        self._busy = False
+                    while True:
+                        if self._stop:
+                            self._busy = False
+                            return
+                        now = time.monotonic()
+                        table = next((t for t in self._dirty if self._due(t, now)), None)
+                        if table is not None:
+                            break
+                        self._busy = False  # nothing due: waiting for changes, a pause or the time
                         self._cond.notify_all()
-                        self._cond.wait(self.idle_seconds)
-                    if self._stop:
-                        self._busy = False
-                        return
-                    table = next(iter(self._dirty))
+                        self._cond.wait(min(self.idle_seconds, self.pace.quiet_s))
                     del self._dirty[table]
                     self._busy = True
                 more = self._one(table)
@@ -240,6 +299,11 @@ class Materializer:
         m = self.mirror(*table)
         name = m.table
         r = self.retry.call(m.round, operation="materialize", breaker=self.breaker)
+        with self._cond:  # what the round left is the table's backlog now
+            b = self._backlog.setdefault(table, _Backlog())
+            b.rows = 0 if r is None else r.lag.changes
+            b.since = time.monotonic() - r.lag.seconds if r is not None and r.lag.changes else None
+            b.mirror_rows = b.mirror_rows if r is None else r.mirror_rows
         if self.upkeep is not None:
             self.upkeep.after_commit(m.writer.uri, "mirror", name)
         if r is None:

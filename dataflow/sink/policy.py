@@ -60,7 +60,7 @@ class CommitPolicy:
         retry: RetryPolicy,
         breaker: StorageBreaker,
         end_offsets: Callable[[], dict[tuple[str, int], int]] | None = None,
-        on_commit: Callable[[str, str], None] | None = None,
+        on_commit: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.tables = lake.tables
         self.dlq = dlq
@@ -74,7 +74,7 @@ class CommitPolicy:
         self.committed: dict[tuple[str, int], int] = {}
         self.end_offsets = end_offsets
         self.next_lag_check = 0.0
-        self.on_commit = on_commit  # (db, collection): a changelog grew (the materializer's cue)
+        self.on_commit = on_commit  # (db, collection, rows): a changelog grew (the materializer's cue)
         # compaction, vacuum, checkpoints and log clean-up of the changelogs, between their commits
         self.upkeep = Upkeep(
             lake.tables.lake_uri,
@@ -108,7 +108,7 @@ class CommitPolicy:
         writer = self.writer(first)
         self._commit(writer, batch.events, stats)
         if self.on_commit is not None:
-            self.on_commit(first.db, first.collection)
+            self.on_commit(first.db, first.collection, len(batch.events))
         self.upkeep.after_commit(writer.uri, "changelog", batch.table)
         self._export_lag()
 
