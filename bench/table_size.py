@@ -732,8 +732,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"then {c['updates']:,} changes spread uniformly over the live documents (60% full-document updates, "
         "30% top-level partial updates, 10% deletes with their tombstones), 4 partitions, all in Kafka before "
         "the pipeline starts. Append mode and merge mode read the same topic into separate lakes.",
-        "- Pipeline: `python -m dataflow`, one process, recovery on, `CDC_STOP_AT_END=1`, batch sizes and "
-        "`CDC_MIRROR_ROUND_ROWS` at their defaults. Rates count from the process start (a few seconds of "
+        "- Pipeline: `python -m dataflow`, one process, recovery on, `CDC_STOP_AT_END=1`, batch sizes, "
+        "`CDC_MIRROR_ROUND_ROWS`, `CDC_MIRROR_ROUND_FRACTION` and `CDC_MIRROR_MAX_WAIT_SECONDS` at their "
+        "defaults. Rates count from the process start (a few seconds of "
         "start-up included); times are polled once a second.",
         "- changelog = until the changelog has recorded every partition's last offset; updates = the update "
         "events over the time from the seed being recorded to that; caught up = until `Mirror.lag().changes` "
