@@ -12,6 +12,11 @@ def test_defaults_run_the_embedded_sample() -> None:
     assert s.brokers is None and s.stop_at_end
     assert s.table_mode == "merge" and s.batch_max_rows == 10_000
     assert s.materializer == "embedded" and s.mirror_round_rows == 500_000
+    assert s.lake.mirror_round_fraction == 0.25 and s.lake.mirror_max_wait_s == 60
+    paced = Settings.from_env({"CDC_MIRROR_ROUND_FRACTION": "0", "CDC_MIRROR_MAX_WAIT_SECONDS": "5"}).lake
+    assert paced.mirror_round_fraction == 0 and paced.mirror_max_wait_s == 5
+    with pytest.raises(SettingsError, match="CDC_MIRROR_ROUND_FRACTION"):
+        Settings.from_env({"CDC_MIRROR_ROUND_FRACTION": "2"})
     assert Settings.from_env({"CDC_TABLE_MODE": "append"}).batch_max_rows == 10_000
     assert Settings.from_env({"CDC_TABLE_MODE": "merge", "CDC_BATCH_MAX_ROWS": "500"}).batch_max_rows == 500
     assert s.lake.tables.uri("shop", "orders", "merge").endswith("/data/lake/shop/orders")

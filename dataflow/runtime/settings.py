@@ -158,7 +158,7 @@ class LakeSettings:
     pipeline_name: str = "cdc"
     materializer: Literal["embedded", "off"] = "embedded"
     mirror_round_rows: int = DEFAULT_ROUND_ROWS
-    mirror_round_fraction: float = 0.1
+    mirror_round_fraction: float = 0.25
     mirror_max_wait_s: float = 60.0
     tombstone_retention_hours: float = 168.0
     maintenance: MaintenancePolicy = field(default_factory=MaintenancePolicy)
@@ -276,7 +276,7 @@ class Settings(BaseModel):
     materializer: Literal["embedded", "off"] = _var("CDC_MATERIALIZER", default="embedded")
     mirror_round_rows: Count = _var("CDC_MIRROR_ROUND_ROWS", default=DEFAULT_ROUND_ROWS)
     mirror_round_fraction: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False), DEFAULT] = _var(
-        "CDC_MIRROR_ROUND_FRACTION", default=0.1
+        "CDC_MIRROR_ROUND_FRACTION", default=0.25
     )
     mirror_max_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_MIRROR_MAX_WAIT_SECONDS", default=60.0
