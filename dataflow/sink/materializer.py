@@ -95,8 +95,9 @@ class Pace:
     """When a busy table's next round starts (CDC_MIRROR_ROUND_FRACTION, CDC_MIRROR_MAX_WAIT_SECONDS).
 
     Rounds of a quarter of the mirror rewrite about four rows per change
-    whatever the table's size (up to the round's cap); a round that would rather wait never waits longer than
-    `max_wait_s`, nor once the table's commits have paused for `quiet_s`.
+    whatever the table's size (up to the round's cap); a round that would
+    rather wait never waits longer than `max_wait_s`, nor once the table's
+    commits have paused for `quiet_s`.
     """
 
     fraction: float = 0.25  # of the mirror's rows
