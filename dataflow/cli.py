@@ -191,7 +191,13 @@ def cmd_read(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
-    """Bring mirrors up to date; with --follow, keep doing so (CDC_MATERIALIZER=off in the pipeline)."""
+    """Bring mirrors up to date; with --follow, keep doing so (CDC_MATERIALIZER=off in the pipeline).
+
+    Following, it tells the materializer what each changelog gained since the
+    last look (its row count only grows), as the pipeline's sink does: a busy
+    table's rounds are paced the same way run apart as inside the pipeline.
+    """
+    from dataflow.lake.changelog import Changelog
     from dataflow.lake.offsets import lake_collections
     from dataflow.sink.materializer import new_materializer
 
@@ -222,11 +228,21 @@ def cmd_materialize(settings: Settings, args: argparse.Namespace) -> int:
                 f"{len(m.rounds)} rounds, {sum(r.changes for r in m.rounds)} changes applied", file=sys.stderr
             )
             return 0
+        seen: dict[tuple[str, str], tuple[Changelog, int]] = {}
         while True:  # new changelogs and new changes: look again every --interval seconds
             time.sleep(args.interval)
             m.check()
             for t in tables():
-                m.notify(*t)
+                if t not in seen:  # a changelog not seen before: its mirror catches up at once
+                    changelog = Changelog(settings.lake.tables.uri(*t, "append"), *t, so)
+                    seen[t] = (changelog, changelog.row_count())
+                    m.notify(*t)
+                    continue
+                changelog, before = seen[t]
+                now = changelog.row_count()
+                if now != before:
+                    seen[t] = (changelog, now)
+                    m.notify(*t, max(0, now - before))
     finally:
         m.stop()
 

@@ -505,6 +505,63 @@ def test_a_busy_tables_rounds_wait_for_a_share_of_the_mirror_or_a_pause(lake) ->
         m.stop()
 
 
+def test_cdc_materialize_run_apart_paces_a_busy_table_too(lake) -> None:
+    """`cdc materialize --follow` learns what each changelog gained from its row count, as the
+    sink tells the embedded materializer: small commits in quick succession wait, a pause applies."""
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT, pipeline_env
+
+    log = changelog(lake)
+    log.write([ev(f"d{i}", doc={"n": i}, offset=i) for i in range(400)])
+    env = pipeline_env(
+        CDC_LAKE_URI=lake,
+        CDC_LOG_LEVEL="INFO",
+        CDC_LOG_FORMAT="text",
+        CDC_MIRROR_ROUND_FRACTION="0.25",
+        CDC_MAINTENANCE="0",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dataflow.cli",
+            "materialize",
+            "--follow",
+            "--interval",
+            "0.2",
+            "--metrics-port",
+            "0",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        m = mirror(lake)
+        deadline = time.monotonic() + 60
+        while not m.lag().caught_up and time.monotonic() < deadline:  # the catch-up at start
+            time.sleep(0.1)
+        assert m.lag().caught_up and len(docs(lake)) == 400
+        time.sleep(1.0)  # the follower has looked at the changelog once (every 0.2 s): no first sight
+        applied, offset = m.applied(), 400
+        for _ in range(15):  # 2 changes every 0.2 s for 3 s: 30 < a quarter of 400, never quiet
+            log.write([ev(f"d{offset - 400 + i}", doc={"n": -1}, offset=offset + i) for i in range(2)])
+            offset += 2
+            time.sleep(0.2)
+        lag = m.lag()
+        assert lag.applied == applied and lag.changes == 30
+        deadline = time.monotonic() + 30  # commits stopped: caught up after the pause
+        while not m.lag().caught_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert m.lag().caught_up and docs(lake)["d0"] == {"n": -1}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 # ------------------------------------------------------------------ the README's SQL
 
 

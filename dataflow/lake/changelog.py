@@ -25,6 +25,7 @@ from dataflow.decode import extjson
 from dataflow.decode.updates import Update
 from dataflow.lake.columns import Layout
 from dataflow.lake.documents import column_values, merge_overflow
+from dataflow.lake.writer import row_count
 from dataflow.model import DDL_OPS, ChangeEvent
 
 _META = (
@@ -99,6 +100,11 @@ class Changelog:
         ts = counts.column("_commit_timestamp_min").cast(pa.int64()).to_pylist()
         out = [Version(v, n, t) for v, n, t in zip(versions, rows, ts, strict=True)]
         return sorted(out, key=lambda x: x.version), latest
+
+    def row_count(self) -> int:
+        """Rows in the changelog now (0 while there is none): it only grows, by the rows committed."""
+        dt = self.table()
+        return 0 if dt is None else row_count(dt)
 
     def layout(self) -> Layout:
         dt = self.table()

@@ -342,6 +342,12 @@ _GUARD = (
 )
 
 
+def row_count(dt: DeltaTable) -> int:
+    """Rows in a table version, from the file statistics of its log (no data read)."""
+    counts = dt.get_add_actions(flatten=True).column("num_records").to_pylist()
+    return sum(n for n in counts if n is not None)
+
+
 def _before(e: ChangeEvent, ddl: ChangeEvent) -> bool:
     """Whether `e` happened before the collection-wide change `ddl`."""
     if e.topic == ddl.topic and e.partition == ddl.partition:
@@ -475,10 +481,7 @@ class DeltaTableWriter:
 
     def rows(self) -> int:
         """Rows in the table as last loaded, from its file statistics (no data read)."""
-        if self._dt is None:
-            return 0
-        counts = self._dt.get_add_actions(flatten=True).column("num_records").to_pylist()
-        return sum(n for n in counts if n is not None)
+        return 0 if self._dt is None else row_count(self._dt)
 
     def layout(self) -> Layout:
         """The table's columns as of its latest version."""
