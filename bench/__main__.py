@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,9 @@ from typing import Any
 import orjson
 
 from bench import latency, report
-from bench.data import BenchGenerator, DataStats
+from bench.data import DataStats, produce_data
 from bench.measure import Run, delta_rows, list_files, run_processes
 from bench.stack import ROOT, Stack, base_env, pipeline_commands, started
-from dataflow.source.topics import create_topics
-from services.generate import produce
 
 log = logging.getLogger("bench")
 BENCH = Path(__file__).resolve().parent
@@ -211,24 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("starting Kafka and MinIO under %s", tmp)
         with started(tmp) as stack:
-            gen = BenchGenerator(prefix="bench", doc_bytes=args.doc_bytes)
-            create_topics(stack.brokers, [*gen.topics, "bench.dlq"], args.partitions)
-            data = DataStats()
-            log.info("producing %s change events to %s", f"{args.events:,}", ", ".join(gen.topics))
-            t0 = time.monotonic()
-            produce(stack.brokers, data.count(gen.messages(args.events)))
-            produce_s = time.monotonic() - t0
-            live = gen.live_count()
-            del gen  # its documents, hundreds of MB at a million events
-            results["data"] = {
-                "events": data.events,
-                "tombstones": data.tombstones,
-                "value_bytes": data.value_bytes,
-                "per_topic": data.per_topic,
-                "ops": data.ops,
-                "live_documents": live,
-                "produce_seconds": round(produce_s, 2),
-            }
+            log.info("producing %s change events", f"{args.events:,}")
+            data, results["data"] = produce_data(
+                stack.brokers, args.events, doc_bytes=args.doc_bytes, partitions=args.partitions
+            )
+            produce_s, live = results["data"]["produce_seconds"], results["data"]["live_documents"]
             log.info("produced in %.1f s (%.1f MiB of values)", produce_s, data.value_bytes / 2**20)
             topics = sorted(data.per_topic)
             for name in variants:

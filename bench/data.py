@@ -101,6 +101,35 @@ class DataStats:
             yield m
 
 
+def produce_data(
+    brokers: str, events: int, *, doc_bytes: int, partitions: int
+) -> tuple[DataStats, dict[str, Any]]:
+    """The benchmarks' change events on their topics (created here), and what was produced.
+
+    The summary is the result records' "data" entry: counts, per topic and op,
+    live documents at the end, and the seconds producing took.
+    """
+    from dataflow.source.topics import create_topics
+    from services.generate import produce
+
+    gen = BenchGenerator(prefix="bench", doc_bytes=doc_bytes)
+    create_topics(brokers, [*gen.topics, "bench.dlq"], partitions)
+    data = DataStats()
+    t0 = time.monotonic()
+    produce(brokers, data.count(gen.messages(events)))
+    seconds = time.monotonic() - t0
+    summary = {
+        "events": data.events,
+        "tombstones": data.tombstones,
+        "value_bytes": data.value_bytes,
+        "per_topic": data.per_topic,
+        "ops": data.ops,
+        "live_documents": gen.live_count(),
+        "produce_seconds": round(seconds, 2),
+    }
+    return data, summary  # the generator's documents go with it: hundreds of MB at a million events
+
+
 def stamp(value: bytes, now_ms: int) -> tuple[bytes, bool]:
     """Replace the placeholder with `now_ms`; False when the message carries no full document."""
     if _MARK not in value:

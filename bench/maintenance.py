@@ -50,14 +50,12 @@ from deltalake import DeltaTable
 
 from bench import report
 from bench.__main__ import commit, machine, tail
-from bench.data import BenchGenerator, DataStats
+from bench.data import produce_data
 from bench.measure import run_processes
 from bench.stack import ROOT, Stack, pipeline_commands, started
 from bench.table_size import write_section
 from dataflow.lake.maintenance import LOG_DIR, MaintenancePolicy, TableOutcome, maintain_lake
 from dataflow.lake.storage import list_files
-from dataflow.source.topics import create_topics
-from services.generate import produce
 
 log = logging.getLogger("bench.maintenance")
 BENCH = Path(__file__).resolve().parent
@@ -229,27 +227,18 @@ def maintain(stack: Stack, policy: MaintenancePolicy) -> tuple[list[TableOutcome
 
 def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     """Produce, ingest, measure, maintain, measure again, check: the result record without the machine."""
-    gen = BenchGenerator(prefix="bench", doc_bytes=args.doc_bytes)
-    create_topics(stack.brokers, [*gen.topics, "bench.dlq"], args.partitions)
-    data = DataStats()
-    log.info("producing %s change events to %s", f"{args.events:,}", ", ".join(gen.topics))
-    t0 = time.monotonic()
-    produce(stack.brokers, data.count(gen.messages(args.events)))
-    produce_s = time.monotonic() - t0
-    del gen  # its documents: hundreds of MB at a million events
+    log.info("producing %s change events", f"{args.events:,}")
+    data, summary = produce_data(
+        stack.brokers, args.events, doc_bytes=args.doc_bytes, partitions=args.partitions
+    )
     topics = sorted(data.per_topic)
     out: dict[str, Any] = {
-        "data": {
-            "events": data.events,
-            "tombstones": data.tombstones,
-            "value_bytes": data.value_bytes,
-            "per_topic": data.per_topic,
-            "ops": data.ops,
-            "produce_seconds": round(produce_s, 2),
-        },
+        "data": summary,
         "tables": [],
     }
-    log.info("produced in %.1f s; running the pipeline (append, maintenance off) ...", produce_s)
+    log.info(
+        "produced in %.1f s; running the pipeline (append, maintenance off) ...", summary["produce_seconds"]
+    )
     out["pipeline"] = pipeline = run_pipeline(stack, topics, args)
     log.info(
         "pipeline: %.1f s wall, %.1f s CPU, ok %s", pipeline["wall_s"], pipeline["cpu_s"], pipeline["ok"]

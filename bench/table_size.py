@@ -69,7 +69,8 @@ from dataflow.lake.columns import Layout
 from dataflow.lake.documents import column_values, live
 from dataflow.lake.mirror import Lag, Mirror
 from dataflow.source.topics import create_topics
-from services.generate import PRODUCER_CONFIG, WORDS, Generator, Message, ObjectId, ext
+from services import generate
+from services.generate import WORDS, Generator, Message, ObjectId, ext
 
 log = logging.getLogger("bench.table_size")
 BENCH = Path(__file__).resolve().parent
@@ -219,38 +220,25 @@ class Produced:
 
 
 def produce(brokers: str, messages: Iterator[Message], into: Produced) -> None:
-    """Like `services.generate.produce`, noting the offset of each partition's last change event."""
-    from confluent_kafka import Producer
-
-    producer = Producer({"bootstrap.servers": brokers, **PRODUCER_CONFIG})
-    errors: list[str] = []
+    """`services.generate.produce`, counting what it sends and noting each partition's last change event."""
     last = into.last
 
-    def report(err, msg) -> None:
-        if err is not None:
-            errors.append(str(err))
-        elif msg.value() is not None and msg.offset() > last.get(msg.partition(), -1):
+    def delivered(msg: Any) -> None:
+        if msg.value() is not None and msg.offset() > last.get(msg.partition(), -1):
             last[msg.partition()] = msg.offset()
 
+    def counted() -> Iterator[Message]:
+        for m in messages:
+            if m.value is None:
+                into.tombstones += 1
+            else:
+                into.events += 1
+                into.value_bytes += len(m.value)
+            yield m
+
     started = time.monotonic()
-    for n, m in enumerate(messages, 1):
-        if m.value is None:
-            into.tombstones += 1
-        else:
-            into.events += 1
-            into.value_bytes += len(m.value)
-        while True:
-            try:
-                producer.produce(m.topic, key=m.key, value=m.value, on_delivery=report)
-                break
-            except BufferError:
-                producer.poll(0.5)
-        if n % 5000 == 0:
-            producer.poll(0)
-    remaining = producer.flush(120)
+    generate.produce(brokers, counted(), on_delivered=delivered)
     into.seconds += time.monotonic() - started
-    if remaining or errors:
-        raise RuntimeError(f"{remaining} messages unconfirmed, errors: {errors[:3]}")
 
 
 # ---------------------------------------------------------------- one run of the pipeline

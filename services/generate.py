@@ -13,7 +13,7 @@ import argparse
 import base64
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -317,16 +317,26 @@ PRODUCER_CONFIG = {
 }
 
 
-def produce(brokers: str, messages: Iterator[Message], extra: dict[str, str] | None = None) -> int:
-    """Produce with idempotence and confirmation; returns the number of messages sent."""
+def produce(
+    brokers: str,
+    messages: Iterator[Message],
+    extra: dict[str, str] | None = None,
+    on_delivered: Callable[[Any], None] | None = None,
+) -> int:
+    """Produce with idempotence and confirmation; returns the number of messages sent.
+
+    `on_delivered` sees each message Kafka confirmed (confluent-kafka's Message: its partition
+    and offset)."""
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": brokers, **PRODUCER_CONFIG, **(extra or {})})
     errors: list[str] = []
 
-    def report(err, _msg) -> None:
+    def report(err, msg) -> None:
         if err is not None:
             errors.append(str(err))
+        elif on_delivered is not None:
+            on_delivered(msg)
 
     n = 0
     for m in messages:
