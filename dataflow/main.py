@@ -31,6 +31,7 @@ from dataflow.runtime.settings import KafkaSettings, LakeSettings, RetrySettings
 from dataflow.sink.lake import LakeSink
 from dataflow.sink.materializer import Materializer, new_materializer, owner
 from dataflow.sink.policy import CommitPolicy
+from dataflow.source.backlog import InputBacklog
 from dataflow.source.kafka import CONSUMER_DEFAULTS, POLL_BATCH, ResumingKafkaSource
 from dataflow.source.sample import SampleFileSource
 from dataflow.source.topics import end_offsets
@@ -40,7 +41,8 @@ log = logging.getLogger("dataflow")
 
 def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
     flow = Dataflow("mongo_delta_cdc")
-    messages = op.input("read", flow, source_for(settings, partitions))
+    backlog = InputBacklog()  # what the Kafka partitions leave unread: the materializer's pace
+    messages = op.input("read", flow, source_for(settings, partitions, backlog))
     decoder = settings.decoder
     parsed = parse_events(
         "parse",
@@ -55,11 +57,12 @@ def build_flow(settings: Settings, partitions: dict[str, int]) -> Dataflow:
         "batch", parsed.events, limits=settings.batch, inflight=inflight, decoder=decoder
     )
     policy = commit_policy(settings.lake, settings.retry, settings.dlq, settings.kafka, partitions)
-    op.output("delta", batches, LakeSink(policy, inflight, materializer_for(settings.lake, settings.retry)))
+    materializer = materializer_for(settings.lake, settings.retry, backlog.unread)
+    op.output("delta", batches, LakeSink(policy, inflight, materializer))
     return flow
 
 
-def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
+def source_for(settings: Settings, partitions: dict[str, int], backlog: InputBacklog | None = None) -> Source:
     """The bundled sample without a broker; otherwise every partition of the chosen topics."""
     kafka = settings.kafka
     if kafka.brokers is None:
@@ -72,6 +75,7 @@ def source_for(settings: Settings, partitions: dict[str, int]) -> Source:
         add_config=CONSUMER_DEFAULTS | kafka.client_config,
         batch_size=POLL_BATCH,
         raise_on_errors=False,
+        backlog=backlog,
         committed=lambda: {} if kafka.start_from == "beginning" else read_committed(lake, partitions, policy),
         partitions=partitions,
     )
@@ -111,8 +115,13 @@ def read_committed(
         raise
 
 
-def materializer_for(lake: LakeSettings, retry: RetrySettings) -> Callable[[int, int], Materializer | None]:
-    """A factory of each worker's materializer (merge mode, unless CDC_MATERIALIZER=off)."""
+def materializer_for(
+    lake: LakeSettings, retry: RetrySettings, unread: Callable[[], int] | None = None
+) -> Callable[[int, int], Materializer | None]:
+    """A factory of each worker's materializer (merge mode, unless CDC_MATERIALIZER=off).
+
+    `unread`: the events the process's Kafka partitions have yet to read, which pace its rounds.
+    """
 
     def build(index: int, count: int) -> Materializer | None:
         if not lake.tables.merge or lake.materializer == "off":
@@ -122,7 +131,7 @@ def materializer_for(lake: LakeSettings, retry: RetrySettings) -> Callable[[int,
         def mine() -> list[tuple[str, str]]:  # the lake's tables this worker catches up at start
             return [t for t in lake_collections(uri, so) if owner(f"{t[0]}.{t[1]}", count) == index]
 
-        return new_materializer(lake, retry, name=f"materializer-{index}", startup=mine)
+        return new_materializer(lake, retry, name=f"materializer-{index}", startup=mine, unread=unread)
 
     return build
 

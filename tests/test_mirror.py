@@ -505,6 +505,102 @@ def test_a_busy_tables_rounds_wait_for_a_share_of_the_mirror_or_a_pause(lake) ->
         m.stop()
 
 
+def test_while_the_input_holds_a_backlog_a_busy_tables_round_waits_its_longest(lake) -> None:
+    """Unread input at or past `defer_backlog`: a round waits the max wait, whatever its share of
+    the mirror or a pause in the commits; once the input is caught up, a pause starts it at once."""
+    from dataflow.runtime.retry import RetryPolicy
+    from dataflow.sink.materializer import Materializer, Pace
+    from dataflow.source.backlog import InputBacklog
+
+    t = TableLocations(lake)
+    log = changelog(lake)
+    backlog = InputBacklog()
+    m = Materializer(
+        t,
+        pipeline="cdc",
+        storage_options=None,
+        retry=RetryPolicy(initial=0.01, cap=0.05),
+        round_rows=10_000,
+        pace=Pace(fraction=0.1, max_wait_s=4.0, quiet_s=0.3, defer_backlog=1_000),
+        tombstone_retention_s=3600,
+        idle_seconds=0.05,
+        unread=backlog.unread,
+    )
+
+    def applied_within(seconds: float) -> float:
+        """Seconds until the mirror caught up (asserted to happen)."""
+        started = time.monotonic()
+        while m.mirror(DB, COLL).lag().changes and time.monotonic() < started + seconds:
+            time.sleep(0.05)
+        assert m.mirror(DB, COLL).lag().caught_up
+        return time.monotonic() - started
+
+    m.start()
+    try:
+        log.write([ev(f"d{i}", doc={"n": i}, offset=i) for i in range(200)])
+        m.notify(DB, COLL, 200)
+        applied_within(30)  # the first round at once: the mirror's size is not known
+        assert len(docs(lake)) == 200
+        backlog.report(TOPIC, 0, 600)
+        backlog.report(TOPIC, 1, 400)  # 1,000 unread over two partitions: a backlog
+        log.write([ev(f"d{i}", doc={"n": -1}, offset=200 + i) for i in range(50)])
+        committed = time.monotonic()
+        m.notify(DB, COLL, 50)  # a quarter of the mirror, then a pause: due twice over, but for the input
+        applied_within(30)
+        assert time.monotonic() - committed >= 4.0  # it waited the max wait
+        assert {docs(lake)[f"d{i}"]["n"] for i in range(50)} == {-1}
+        log.write([ev(f"d{i}", doc={"n": -2}, offset=250 + i) for i in range(50)])
+        m.notify(DB, COLL, 50)
+        backlog.forget(TOPIC, 1)  # 600 unread: the input is caught up, the pause starts the round
+        assert applied_within(3.5) < 3.5
+        assert {docs(lake)[f"d{i}"]["n"] for i in range(50)} == {-2}
+    finally:
+        m.stop()
+
+
+def test_a_backlog_is_worked_off_in_rounds_of_a_share_of_the_mirror(lake) -> None:
+    """A round takes at most `fraction` of the mirror's rows in changes (whole changelog versions,
+    at least `min_round_rows`), so a backlog costs the same rewrite per change as paced rounds."""
+    from dataflow.runtime.retry import RetryPolicy
+    from dataflow.sink.materializer import Materializer, Pace
+
+    t = TableLocations(lake)
+    log = changelog(lake)
+    m = Materializer(
+        t,
+        pipeline="cdc",
+        storage_options=None,
+        retry=RetryPolicy(initial=0.01, cap=0.05),
+        round_rows=10_000,
+        pace=Pace(fraction=0.25, max_wait_s=600, quiet_s=0.2, min_round_rows=50),
+        tombstone_retention_s=3600,
+        idle_seconds=0.05,
+    )
+    for v in range(8):  # 400 new documents, 50 a version: an empty mirror's round takes them all
+        log.write([ev(f"d{v * 50 + i}", doc={"n": 0}, offset=v * 50 + i) for i in range(50)])
+    m.notify(DB, COLL, 400)
+    m.start()
+    try:
+        m.drain(timeout=60)
+        assert [(r.changes, r.appended) for r in m.rounds] == [(400, True)]
+        for v in range(10):  # 500 updates: rounds of 100 (a quarter of 400), two versions each
+            log.write(
+                [ev(f"d{(v * 50 + i) % 400}", doc={"n": v}, offset=400 + v * 50 + i) for i in range(50)]
+            )
+        m.notify(DB, COLL, 500)
+        m.drain(timeout=60)
+        assert [r.changes for r in m.rounds[1:]] == [100] * 5
+        assert all(r.rows_rewritten <= 400 and not r.appended for r in m.rounds[1:])
+        assert m.mirror(DB, COLL).lag().caught_up
+        got = docs(lake)
+        # versions 8 and 9 wrap round to documents 0-99; the others keep their own version's value
+        assert {k: d["n"] for k, d in got.items()} == {
+            f"d{i}": (i // 50 + 8 if i < 100 else i // 50) for i in range(400)
+        }
+    finally:
+        m.stop()
+
+
 def test_cdc_materialize_run_apart_paces_a_busy_table_too(lake) -> None:
     """`cdc materialize --follow` learns what each changelog gained from its row count, as the
     sink tells the embedded materializer: small commits in quick succession wait, a pause applies."""

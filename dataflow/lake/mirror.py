@@ -120,8 +120,12 @@ class Mirror:
         seconds = 0.0 if oldest is None else max(0.0, self.clock() - oldest / 1000)
         return Lag(changes, seconds, len(pending), applied)
 
-    def round(self) -> Round | None:
-        """Apply the next round of changelog versions; None when the mirror is caught up."""
+    def round(self, max_rows: int | None = None) -> Round | None:
+        """Apply the next round of changelog versions; None when the mirror is caught up.
+
+        `max_rows`: this round's bound, instead of the mirror's own.
+        """
+        limit = self.max_rows if max_rows is None else max_rows
         started = time.monotonic()
         applied = self.applied()
         pending, latest = self._read(lambda: self.changelog.pending(applied), "changelog_feed")
@@ -131,7 +135,7 @@ class Mirror:
             return None
         take, rows = [], 0
         for p in pending:
-            if take and rows + p.rows > self.max_rows:
+            if take and rows + p.rows > limit:
                 break
             take.append(p)
             rows += p.rows

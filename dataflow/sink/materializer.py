@@ -12,7 +12,10 @@ While a table's changes keep coming, its next round waits (`Pace`): a MERGE
 rewrites about the whole mirror whatever it holds, so a round is worth its
 rewrite once its changes are a fair share of the mirror, or once its oldest
 change has waited long enough. A table whose commits pause is caught up at
-once, and so is every table at the end of the input.
+once, and so is every table at the end of the input. While the input holds a
+backlog (the process's Kafka partitions have `Pace.defer_backlog` events or
+more unread), ingest is what limits the pipeline: a busy table's round then
+waits its longest (`max_wait_s`) and leaves the CPUs to ingest.
 
 Storage outages are waited out under the commit retry policy and the breaker.
 Anything else stops the dataflow, even one that receives nothing more: the
@@ -59,6 +62,7 @@ def new_materializer(
     *,
     name: str,
     startup: Callable[[], list[Table]],
+    unread: Callable[[], int] | None = None,
     stop_flow_on_error: bool = True,
 ) -> Materializer:
     """A materializer as the settings say, its retries and its own breaker (the pipeline's, `cdc`'s)."""
@@ -75,7 +79,11 @@ def new_materializer(
             recovery_timeout=retry.breaker_reset_seconds,
         ),
         round_rows=lake.mirror_round_rows,
-        pace=Pace(fraction=lake.mirror_round_fraction, max_wait_s=lake.mirror_max_wait_s),
+        pace=Pace(
+            fraction=lake.mirror_round_fraction,
+            max_wait_s=lake.mirror_max_wait_s,
+            defer_backlog=lake.mirror_defer_backlog,
+        ),
         max_columns=lake.max_columns,
         tombstone_retention_s=lake.tombstone_retention_hours * 3600,
         upkeep=Upkeep(
@@ -86,23 +94,35 @@ def new_materializer(
             pipeline=lake.pipeline_name,
         ),
         startup=startup,
+        unread=unread,
         stop_flow_on_error=stop_flow_on_error,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Pace:
-    """When a busy table's next round starts (CDC_MIRROR_ROUND_FRACTION, CDC_MIRROR_MAX_WAIT_SECONDS).
+    """When a busy table's next round starts (CDC_MIRROR_ROUND_FRACTION, CDC_MIRROR_MAX_WAIT_SECONDS,
+    CDC_MIRROR_DEFER_BACKLOG).
 
     Rounds of a quarter of the mirror rewrite about four rows per change
     whatever the table's size (up to the round's cap); a round that would
     rather wait never waits longer than `max_wait_s`, nor once the table's
-    commits have paused for `quiet_s`.
+    commits have paused for `quiet_s`. While `defer_backlog` events or more
+    wait unread in Kafka, a round waits `max_wait_s` whatever its size or a
+    pause: the mirror then costs ingest nothing until a change has waited that
+    long (0: never wait for the input).
+
+    A round takes at most `fraction` of the mirror's rows in changes too (at
+    least `min_round_rows`; an empty mirror's round, the round's cap), so that
+    a backlog, deferred or found at start, is worked off at the same rewrite
+    per change and with the working set of a round of that share.
     """
 
     fraction: float = 0.25  # of the mirror's rows
     max_wait_s: float = 60.0
     quiet_s: float = 1.0
+    defer_backlog: int = 100_000  # unread input events
+    min_round_rows: int = 100_000
 
 
 @dataclass(slots=True)
@@ -138,6 +158,7 @@ class Materializer:
         upkeep: Upkeep | None = None,
         startup: Callable[[], list[Table]] = list,
         idle_seconds: float = 1.0,
+        unread: Callable[[], int] | None = None,
         stop_flow_on_error: bool = True,
     ) -> None:
         self.tables = tables
@@ -151,6 +172,8 @@ class Materializer:
         self.tombstone_retention_s = tombstone_retention_s
         self.upkeep = upkeep  # compaction and vacuum of the mirrors, between their rounds
         self.idle_seconds = idle_seconds
+        self.unread = unread  # the input's unread events (`InputBacklog.unread`); None: not known
+        self._deferring = False
         self.stop_flow_on_error = stop_flow_on_error  # inside the pipeline: end its input too
         self._startup = startup
         self._mirrors: dict[Table, Mirror] = {}
@@ -192,11 +215,35 @@ class Materializer:
         if self._draining or b is None or b.mirror_rows is None or b.since is None:
             return True  # not told of commits (cdc materialize), or nothing known of the mirror yet
         p = self.pace
-        return (
-            now - b.last_commit >= p.quiet_s
-            or now - b.since >= p.max_wait_s
-            or b.rows >= min(p.fraction * b.mirror_rows, self.round_rows)
-        )
+        if now - b.since >= p.max_wait_s:
+            return True
+        if self._input_behind():
+            return False
+        return now - b.last_commit >= p.quiet_s or b.rows >= min(p.fraction * b.mirror_rows, self.round_rows)
+
+    def _round_rows(self, table: Table) -> int:
+        """The changes the table's next round takes at most (`Pace`)."""
+        b = self._backlog.get(table)
+        if b is None or not b.mirror_rows or self.pace.fraction <= 0:
+            return self.round_rows  # not known yet, or empty: most likely a snapshot, appended
+        share = max(int(self.pace.fraction * b.mirror_rows), self.pace.min_round_rows)
+        return min(share, self.round_rows)
+
+    def _input_behind(self) -> bool:
+        """Whether the input holds a backlog (`Pace.defer_backlog`); logs when that changes."""
+        unread = 0 if self.unread is None or self.pace.defer_backlog <= 0 else self.unread()
+        behind = unread >= self.pace.defer_backlog > 0
+        if behind != self._deferring:
+            self._deferring = behind
+            if behind:
+                log.info(
+                    "input backlog of %d events: mirror rounds wait up to %gs while it is read",
+                    unread,
+                    self.pace.max_wait_s,
+                )
+            else:
+                log.info("input caught up (%d events unread): mirror rounds pace as usual", unread)
+        return behind
 
     def check(self) -> None:
         """Raise what stopped the thread, if anything did."""
@@ -299,7 +346,8 @@ class Materializer:
         """One round for `table`; whether there may be more to apply."""
         m = self.mirror(*table)
         name = m.table
-        r = self.retry.call(m.round, operation="materialize", breaker=self.breaker)
+        limit = self._round_rows(table)
+        r = self.retry.call(lambda: m.round(limit), operation="materialize", breaker=self.breaker)
         with self._cond:  # what the round left is the table's backlog now
             b = self._backlog.setdefault(table, _Backlog())
             b.rows = 0 if r is None else r.lag.changes

@@ -6,7 +6,8 @@ can change in any Bytewax release without notice. It keeps what mattered of
 Bytewax's: the same consumer settings, at most `batch_size` messages per poll,
 the end of input at the partition's end when not tailing, consumer errors
 handed out as `KafkaError`, recovery state being the next offset to read, and
-the `bytewax_kafka_consumer_lag` gauge.
+the `bytewax_kafka_consumer_lag` gauge (also told to the process's
+`InputBacklog`, which the materializer reads).
 
 With an empty (new, lost or replaced) recovery store, a partition would start
 at the start of the topic (replaying everything). The offsets recorded in the
@@ -34,6 +35,7 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from dataflow.model import REPLAY_HEADER, SourceMessage
 from dataflow.runtime import shutdown
 from dataflow.runtime.failures import ConfigError, Kind, classify
+from dataflow.source.backlog import InputBacklog
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
         offset: int,
         batch_size: int,
         raise_on_errors: bool,
+        backlog: InputBacklog | None = None,
     ) -> None:
         self._topic = topic
         self._partition = partition
@@ -82,6 +85,7 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
         self._batch_size = batch_size
         self._raise_on_errors = raise_on_errors
         self._eof = False
+        self._backlog = backlog
         self._lag = BYTEWAX_CONSUMER_LAG_GAUGE.labels(step_id=step_id, topic=topic, partition=partition)
         self._consumer = Consumer({**config, "stats_cb": self._stats})
         # Assigned, not subscribed: no consumer group; recovery (or Delta) keeps the offsets.
@@ -93,7 +97,10 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
         part = stats.get(str(self._partition))
         # Before the first message the offset may be OFFSET_BEGINNING, which gives no lag.
         if part is not None and self._offset > 0:
-            self._lag.set(part["ls_offset"] - self._offset)
+            lag = part["ls_offset"] - self._offset
+            self._lag.set(lag)
+            if self._backlog is not None and part["ls_offset"] >= 0:  # negative: not known yet
+                self._backlog.report(self._topic, self._partition, lag)
 
     def next_batch(self) -> list[Item]:
         if self._eof:
@@ -142,6 +149,8 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
         return self._offset
 
     def close(self) -> None:
+        if self._backlog is not None:
+            self._backlog.forget(self._topic, self._partition)
         self._consumer.close()
 
 
@@ -159,11 +168,13 @@ class ResumingKafkaSource(FixedPartitionedSource[Item, int]):
         add_config: dict[str, str] | None = None,
         batch_size: int = 1000,
         raise_on_errors: bool = True,
+        backlog: InputBacklog | None = None,
     ) -> None:
         """`partitions`: the partition count of each topic, as the flow was built with.
 
         `committed` is called once, when the first partition without recovery
-        state is built. `tail=False` ends each partition at its end.
+        state is built. `tail=False` ends each partition at its end. `backlog`
+        is told each partition's unread events about once a second.
         """
         if isinstance(brokers, str) or isinstance(topics, str):
             raise TypeError("brokers and topics must be iterables of strings, not a string")
@@ -173,6 +184,7 @@ class ResumingKafkaSource(FixedPartitionedSource[Item, int]):
         self._add_config = dict(add_config or {})
         self._batch_size = batch_size
         self._raise_on_errors = raise_on_errors
+        self._backlog = backlog
         self._committed_loader = committed
         self._committed: dict[tuple[str, int], int] | None = None
         self._partitions = partitions
@@ -231,5 +243,6 @@ class ResumingKafkaSource(FixedPartitionedSource[Item, int]):
             offset,
             self._batch_size,
             self._raise_on_errors,
+            self._backlog,
         )
         return shutdown.Stoppable(part)
