@@ -721,15 +721,16 @@ def markdown(results: dict[str, Any]) -> str:
         "30% top-level partial updates, 10% deletes with their tombstones), 4 partitions, all in Kafka before "
         "the pipeline starts. Append mode and merge mode read the same topic into separate lakes.",
         "- Pipeline: `python -m dataflow`, one process, recovery on, `CDC_STOP_AT_END=1`, batch sizes, "
-        "`CDC_MIRROR_ROUND_ROWS`, `CDC_MIRROR_ROUND_FRACTION` and `CDC_MIRROR_MAX_WAIT_SECONDS` at their "
-        "defaults. Rates count from the process start (a few seconds of "
+        "`CDC_MIRROR_ROUND_ROWS`, `CDC_MIRROR_ROUND_FRACTION`, `CDC_MIRROR_MAX_WAIT_SECONDS` and "
+        "`CDC_MIRROR_DEFER_BACKLOG` at their defaults. Rates count from the process start (a few seconds of "
         "start-up included); times are polled once a second.",
         "- changelog = until the changelog has recorded every partition's last offset; updates = the update "
         "events over the time from the seed being recorded to that; caught up = until `Mirror.lag().changes` "
         "is 0 after that (append mode: the changelog is the table). Lag = `Mirror.lag()`'s figures sampled once a "
         "second (reading only the changelog versions not seen before: `LagProbe`) while the updates go into the "
-        "changelog (a backlog run: the pipeline reads as fast as it can, so the "
-        "lag is how far the materializer falls behind ingest, not a steady-state latency).",
+        "changelog (a backlog run: the pipeline reads as fast as it can, and while the input holds a "
+        "backlog the rounds wait `CDC_MIRROR_MAX_WAIT_SECONDS`, so the lag is about that wait, not a "
+        "steady-state latency).",
         "- CPU s = the pipeline's; machine busy CPU s = all CPUs' busy seconds during the run (Kafka, MinIO, "
         "the bench's polling and anything else running included): well above CPU s means the pipeline shared "
         "the machine.",

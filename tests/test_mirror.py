@@ -454,24 +454,31 @@ def test_the_materializer_thread_catches_up_and_hands_over_what_stops_it(lake) -
         m.stop()
 
 
-def test_a_busy_tables_rounds_wait_for_a_share_of_the_mirror_or_a_pause(lake) -> None:
-    """While commits keep coming, a round waits until its changes are a tenth of the mirror's
-    rows; once they pause, the mirror catches up at once."""
+def paced(lake: str, pace, **kwargs: Any):
+    """A materializer of the lake's tables with fast retries and polling, paced by `pace`."""
     from dataflow.runtime.retry import RetryPolicy
-    from dataflow.sink.materializer import Materializer, Pace
+    from dataflow.sink.materializer import Materializer
 
-    t = TableLocations(lake)
-    log = changelog(lake)
-    m = Materializer(
-        t,
+    return Materializer(
+        TableLocations(lake),
         pipeline="cdc",
         storage_options=None,
         retry=RetryPolicy(initial=0.01, cap=0.05),
         round_rows=10_000,
-        pace=Pace(fraction=0.1, max_wait_s=600, quiet_s=3.0),
+        pace=pace,
         tombstone_retention_s=3600,
         idle_seconds=0.05,
+        **kwargs,
     )
+
+
+def test_a_busy_tables_rounds_wait_for_a_share_of_the_mirror_or_a_pause(lake) -> None:
+    """While commits keep coming, a round waits until its changes are a tenth of the mirror's
+    rows; once they pause, the mirror catches up at once."""
+    from dataflow.sink.materializer import Pace
+
+    log = changelog(lake)
+    m = paced(lake, Pace(fraction=0.1, max_wait_s=600, quiet_s=3.0))
     m.start()
     try:
         log.write([ev(f"d{i}", doc={"n": i}, offset=i) for i in range(200)])
@@ -506,24 +513,17 @@ def test_a_busy_tables_rounds_wait_for_a_share_of_the_mirror_or_a_pause(lake) ->
 
 
 def test_while_the_input_holds_a_backlog_a_busy_tables_round_waits_its_longest(lake) -> None:
-    """Unread input at or past `defer_backlog`: a round waits the max wait, whatever its share of
-    the mirror or a pause in the commits; once the input is caught up, a pause starts it at once."""
-    from dataflow.runtime.retry import RetryPolicy
-    from dataflow.sink.materializer import Materializer, Pace
+    """Unread input at or past `defer_backlog`: a round waits the backlog's max wait, whatever its
+    share of the mirror, a pause in the commits or the usual max wait; once the input is caught up,
+    a pause starts it at once."""
+    from dataflow.sink.materializer import Pace
     from dataflow.source.backlog import InputBacklog
 
-    t = TableLocations(lake)
     log = changelog(lake)
     backlog = InputBacklog()
-    m = Materializer(
-        t,
-        pipeline="cdc",
-        storage_options=None,
-        retry=RetryPolicy(initial=0.01, cap=0.05),
-        round_rows=10_000,
-        pace=Pace(fraction=0.1, max_wait_s=4.0, quiet_s=0.3, defer_backlog=1_000),
-        tombstone_retention_s=3600,
-        idle_seconds=0.05,
+    m = paced(
+        lake,
+        Pace(fraction=0.1, max_wait_s=1.0, quiet_s=0.3, defer_backlog=1_000, backlog_max_wait_s=4.0),
         unread=backlog.unread,
     )
 
@@ -547,7 +547,7 @@ def test_while_the_input_holds_a_backlog_a_busy_tables_round_waits_its_longest(l
         committed = time.monotonic()
         m.notify(DB, COLL, 50)  # a quarter of the mirror, then a pause: due twice over, but for the input
         applied_within(30)
-        assert time.monotonic() - committed >= 4.0  # it waited the max wait
+        assert time.monotonic() - committed >= 4.0  # it waited the backlog's max wait, not 1 s
         assert {docs(lake)[f"d{i}"]["n"] for i in range(50)} == {-1}
         log.write([ev(f"d{i}", doc={"n": -2}, offset=250 + i) for i in range(50)])
         m.notify(DB, COLL, 50)
@@ -561,21 +561,10 @@ def test_while_the_input_holds_a_backlog_a_busy_tables_round_waits_its_longest(l
 def test_a_backlog_is_worked_off_in_rounds_of_a_share_of_the_mirror(lake) -> None:
     """A round takes at most `fraction` of the mirror's rows in changes (whole changelog versions,
     at least `min_round_rows`), so a backlog costs the same rewrite per change as paced rounds."""
-    from dataflow.runtime.retry import RetryPolicy
-    from dataflow.sink.materializer import Materializer, Pace
+    from dataflow.sink.materializer import Pace
 
-    t = TableLocations(lake)
     log = changelog(lake)
-    m = Materializer(
-        t,
-        pipeline="cdc",
-        storage_options=None,
-        retry=RetryPolicy(initial=0.01, cap=0.05),
-        round_rows=10_000,
-        pace=Pace(fraction=0.25, max_wait_s=600, quiet_s=0.2, min_round_rows=50),
-        tombstone_retention_s=3600,
-        idle_seconds=0.05,
-    )
+    m = paced(lake, Pace(fraction=0.25, max_wait_s=600, quiet_s=0.2, min_round_rows=50))
     for v in range(8):  # 400 new documents, 50 a version: an empty mirror's round takes them all
         log.write([ev(f"d{v * 50 + i}", doc={"n": 0}, offset=v * 50 + i) for i in range(50)])
     m.notify(DB, COLL, 400)
@@ -599,6 +588,24 @@ def test_a_backlog_is_worked_off_in_rounds_of_a_share_of_the_mirror(lake) -> Non
         }
     finally:
         m.stop()
+
+
+def test_pending_versions_counted_once_equal_a_fresh_count(lake) -> None:
+    """`Changelog.pending` reads only the versions committed since its last call; what it returns
+    for any mark, forwards or back, equals what a changelog read afresh returns."""
+    from dataflow.lake.changelog import Changelog
+
+    log = changelog(lake)
+    uri = TableLocations(lake).uri(DB, COLL, "append")
+    kept = Changelog(uri, DB, COLL)
+    offset = 0
+    for after in (-1, 1, 1, 3, 0, 6, 9, 2):
+        for n in (3, 1):  # two commits between calls, of 3 rows and 1
+            log.write([ev(f"d{offset + i}", doc={"n": offset}, offset=offset + i) for i in range(n)])
+            offset += n
+        every, latest = Changelog(uri, DB, COLL).pending(-1)
+        assert sum(v.rows for v in every) == offset
+        assert kept.pending(after) == ([v for v in every if v.version > after], latest)
 
 
 def test_cdc_materialize_run_apart_paces_a_busy_table_too(lake) -> None:

@@ -64,6 +64,11 @@ class Changelog:
         self.collection = collection
         self._storage_options = storage_options
         self._dt: DeltaTable | None = None
+        # Versions already counted by `pending`: a commit's rows never change, so each later call
+        # reads the feed of the versions committed since, not of the whole backlog again.
+        self._counted: dict[int, Version] = {}
+        self._counted_to = -1  # every version up to here is in `_counted` (those past the floor)
+        self._floor = -1  # the versions up to here were let go
 
     def table(self) -> DeltaTable | None:
         """The latest version, None while there is no changelog."""
@@ -87,19 +92,19 @@ class Changelog:
         if dt is None:
             return [], after
         latest = dt.version()
+        if after < self._floor or latest < self._counted_to:  # asked further back, or a new table
+            self._counted, self._counted_to, self._floor = {}, -1, -1
         if latest <= after:
             return [], latest
-        feed = _feed(dt, after + 1, latest, ["_seq", "_commit_version", "_commit_timestamp"])
-        if feed is None or feed.num_rows == 0:
-            return [], latest
-        counts = feed.group_by("_commit_version").aggregate(
-            [("_commit_version", "count"), ("_commit_timestamp", "min")]
-        )
-        versions = counts.column("_commit_version").to_pylist()
-        rows = counts.column("_commit_version_count").to_pylist()
-        ts = counts.column("_commit_timestamp_min").cast(pa.int64()).to_pylist()
-        out = [Version(v, n, t) for v, n, t in zip(versions, rows, ts, strict=True)]
-        return sorted(out, key=lambda x: x.version), latest
+        start = max(after, self._counted_to) + 1
+        if start <= latest:
+            for v in _count(_feed(dt, start, latest, ["_seq", "_commit_version", "_commit_timestamp"])):
+                self._counted[v.version] = v
+            self._counted_to = latest
+        if after > self._floor:
+            self._counted = {k: v for k, v in self._counted.items() if k > after}
+            self._floor = after
+        return sorted((v for k, v in self._counted.items() if k > after), key=lambda x: x.version), latest
 
     def row_count(self) -> int:
         """Rows in the changelog now (0 while there is none): it only grows, by the rows committed."""
@@ -205,6 +210,19 @@ def _plain(table: pa.Table) -> pa.Table:
 
 
 _NO_FEED = "that does not have change data enabled"
+
+
+def _count(feed: pa.Table | None) -> list[Version]:
+    """Each version's rows in a feed, and its commit time."""
+    if feed is None or feed.num_rows == 0:
+        return []
+    counts = feed.group_by("_commit_version").aggregate(
+        [("_commit_version", "count"), ("_commit_timestamp", "min")]
+    )
+    versions = counts.column("_commit_version").to_pylist()
+    rows = counts.column("_commit_version_count").to_pylist()
+    ts = counts.column("_commit_timestamp_min").cast(pa.int64()).to_pylist()
+    return [Version(v, n, t) for v, n, t in zip(versions, rows, ts, strict=True)]
 
 
 def _feed(dt: DeltaTable, first: int, last: int, columns: list[str] | None) -> pa.Table | None:

@@ -161,6 +161,7 @@ class LakeSettings:
     mirror_round_fraction: float = 0.25
     mirror_max_wait_s: float = 60.0
     mirror_defer_backlog: int = 100_000  # unread input events; 0: rounds never wait for the input
+    mirror_backlog_max_wait_s: float = 300.0
     tombstone_retention_hours: float = 168.0
     maintenance: MaintenancePolicy = field(default_factory=MaintenancePolicy)
     maintenance_interval_s: float = 600.0  # per table, by the thread that writes it
@@ -282,9 +283,13 @@ class Settings(BaseModel):
     mirror_max_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_MIRROR_MAX_WAIT_SECONDS", default=60.0
     )
-    # While this many events or more wait unread in Kafka, a busy table's round waits the max wait
+    # While this many events or more wait unread in Kafka, a busy table's round waits for them,
+    # at most the backlog's max wait
     mirror_defer_backlog: Annotated[int, Field(ge=0), DEFAULT] = _var(
         "CDC_MIRROR_DEFER_BACKLOG", default=100_000
+    )
+    mirror_backlog_max_wait_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
+        "CDC_MIRROR_BACKLOG_MAX_WAIT_SECONDS", default=300.0
     )
     tombstone_retention_hours: Annotated[float, Field(ge=0, allow_inf_nan=False), DEFAULT] = _var(
         "CDC_TOMBSTONE_RETENTION_HOURS", default=168.0
@@ -464,6 +469,7 @@ class Settings(BaseModel):
             mirror_round_fraction=self.mirror_round_fraction,
             mirror_max_wait_s=self.mirror_max_wait_seconds,
             mirror_defer_backlog=self.mirror_defer_backlog,
+            mirror_backlog_max_wait_s=self.mirror_backlog_max_wait_seconds,
             tombstone_retention_hours=self.tombstone_retention_hours,
             maintenance=self.maintenance_policy,
             maintenance_interval_s=self.maintenance_interval_minutes * 60,

@@ -15,7 +15,8 @@ change has waited long enough. A table whose commits pause is caught up at
 once, and so is every table at the end of the input. While the input holds a
 backlog (the process's Kafka partitions have `Pace.defer_backlog` events or
 more unread), ingest is what limits the pipeline: a busy table's round then
-waits its longest (`max_wait_s`) and leaves the CPUs to ingest.
+waits until the backlog is read, at most `Pace.backlog_max_wait_s`, and leaves
+the CPUs to ingest.
 
 Storage outages are waited out under the commit retry policy and the breaker.
 Anything else stops the dataflow, even one that receives nothing more: the
@@ -83,6 +84,7 @@ def new_materializer(
             fraction=lake.mirror_round_fraction,
             max_wait_s=lake.mirror_max_wait_s,
             defer_backlog=lake.mirror_defer_backlog,
+            backlog_max_wait_s=lake.mirror_backlog_max_wait_s,
         ),
         max_columns=lake.max_columns,
         tombstone_retention_s=lake.tombstone_retention_hours * 3600,
@@ -102,15 +104,16 @@ def new_materializer(
 @dataclass(frozen=True, slots=True)
 class Pace:
     """When a busy table's next round starts (CDC_MIRROR_ROUND_FRACTION, CDC_MIRROR_MAX_WAIT_SECONDS,
-    CDC_MIRROR_DEFER_BACKLOG).
+    CDC_MIRROR_DEFER_BACKLOG, CDC_MIRROR_BACKLOG_MAX_WAIT_SECONDS).
 
     Rounds of a quarter of the mirror rewrite about four rows per change
     whatever the table's size (up to the round's cap); a round that would
     rather wait never waits longer than `max_wait_s`, nor once the table's
     commits have paused for `quiet_s`. While `defer_backlog` events or more
-    wait unread in Kafka, a round waits `max_wait_s` whatever its size or a
-    pause: the mirror then costs ingest nothing until a change has waited that
-    long (0: never wait for the input).
+    wait unread in Kafka, a round waits for them to be read, whatever its size
+    or a pause, up to `backlog_max_wait_s`: the mirror then costs ingest
+    nothing, and the changes it waits for are old already (0: never wait for
+    the input).
 
     A round takes at most `fraction` of the mirror's rows in changes too (at
     least `min_round_rows`; an empty mirror's round, the round's cap), so that
@@ -122,7 +125,8 @@ class Pace:
     max_wait_s: float = 60.0
     quiet_s: float = 1.0
     defer_backlog: int = 100_000  # unread input events
-    min_round_rows: int = 100_000
+    backlog_max_wait_s: float = 300.0
+    min_round_rows: int = 50_000
 
 
 @dataclass(slots=True)
@@ -214,12 +218,14 @@ class Materializer:
         b = self._backlog.get(table)
         if self._draining or b is None or b.mirror_rows is None or b.since is None:
             return True  # not told of commits (cdc materialize), or nothing known of the mirror yet
-        p = self.pace
-        if now - b.since >= p.max_wait_s:
-            return True
+        p, waited = self.pace, now - b.since
         if self._input_behind():
-            return False
-        return now - b.last_commit >= p.quiet_s or b.rows >= min(p.fraction * b.mirror_rows, self.round_rows)
+            return waited >= max(p.max_wait_s, p.backlog_max_wait_s)
+        return (
+            waited >= p.max_wait_s
+            or now - b.last_commit >= p.quiet_s
+            or b.rows >= min(p.fraction * b.mirror_rows, self.round_rows)
+        )
 
     def _round_rows(self, table: Table) -> int:
         """The changes the table's next round takes at most (`Pace`)."""
@@ -239,7 +245,7 @@ class Materializer:
                 log.info(
                     "input backlog of %d events: mirror rounds wait up to %gs while it is read",
                     unread,
-                    self.pace.max_wait_s,
+                    max(self.pace.max_wait_s, self.pace.backlog_max_wait_s),
                 )
             else:
                 log.info("input caught up (%d events unread): mirror rounds pace as usual", unread)
