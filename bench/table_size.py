@@ -64,10 +64,9 @@ from bench.__main__ import commit, machine
 from bench.measure import Running, delta_rows, list_files
 from bench.stack import ROOT, Stack, pipeline_commands
 from bench.stack import started as stack_started
-from dataflow.lake.changelog import Version
 from dataflow.lake.columns import Layout
 from dataflow.lake.documents import column_values, live
-from dataflow.lake.mirror import Lag, Mirror
+from dataflow.lake.mirror import Mirror
 from dataflow.source.topics import create_topics
 from services import generate
 from services.generate import WORDS, Generator, Message, ObjectId, ext
@@ -302,33 +301,6 @@ def wait_quiet(limit_s: float, busy_below: float = 0.2, window_s: float = 5.0) -
             return {"waited_s": round(waited, 1), "busy_share": round(share, 2)}
 
 
-class LagProbe:
-    """`Mirror.lag()`, with the changelog's versions remembered between calls.
-
-    `Mirror.lag()` reads the change feed of every version past the mirror's
-    mark at each call, so its cost grows with the lag; sampled once a second
-    from this process, that read would compete with the pipeline for the CPUs
-    just when the lag is large. Versions never change once committed, so this
-    reads only the versions it has not seen, and computes the lag from the same
-    figures (`Changelog.pending`, `Mirror._lag`) as `Mirror.lag()` does.
-    """
-
-    def __init__(self, mirror: Mirror) -> None:
-        self.mirror = mirror
-        self.known: dict[int, Version] = {}
-        self.seen = -1
-
-    def lag(self) -> Lag:
-        applied = self.mirror.applied()
-        new, latest = self.mirror.changelog.pending(max(applied, self.seen))
-        for v in new:
-            self.known[v.version] = v
-        self.seen = max(self.seen, latest)
-        for k in [k for k in self.known if k <= applied]:
-            del self.known[k]
-        return self.mirror._lag(applied, sorted(self.known.values(), key=lambda v: v.version))
-
-
 def _reached(recorded: dict[int, int], target: dict[int, int]) -> bool:
     return all(recorded.get(p, -1) >= off for p, off in target.items())
 
@@ -396,16 +368,14 @@ def run_mode(
     changelog_uri = f"{lake}/_changelog/{DB}/{COLLECTION}" if merge else f"{lake}/{DB}/{COLLECTION}"
     mirror_uri = f"{lake}/{DB}/{COLLECTION}"
     offsets = Offsets(changelog_uri, stack.storage_options, name, topic)
-    probe = (
-        LagProbe(
-            Mirror(
-                changelog_uri,
-                mirror_uri,
-                DB,
-                COLLECTION,
-                pipeline=name,
-                storage_options=stack.storage_options,
-            )
+    probe = (  # its changelog counts each version once (`Changelog.pending`): a call reads what is new
+        Mirror(
+            changelog_uri,
+            mirror_uri,
+            DB,
+            COLLECTION,
+            pipeline=name,
+            storage_options=stack.storage_options,
         )
         if merge
         else None
@@ -440,11 +410,6 @@ def run_mode(
                     "applied": lag.applied,
                     "call_s": round(time.monotonic() - started, 3),
                 }
-                if len(samples) % 20 == 0:  # now and then, what Mirror.lag() itself costs at this lag
-                    started = time.monotonic()
-                    full = probe.mirror.lag()
-                    sample["mirror_lag_call_s"] = round(time.monotonic() - started, 3)
-                    sample["mirror_lag_changes"] = full.changes
                 samples.append(sample)
                 if "changelog_s" in marks and lag.changes == 0 and "caught_up_s" not in marks:
                     marks["caught_up_s"] = now
@@ -611,14 +576,6 @@ def figures(size: dict[str, Any]) -> None:
             "p50": percentile([s["call_s"] for s in r["lag_samples"]], 50),
             "max": max((s["call_s"] for s in r["lag_samples"]), default=None),
         }
-        # Mirror.lag() itself, now and then: (changes behind, seconds the call took)
-        full = [
-            (s["mirror_lag_changes"], s["mirror_lag_call_s"])
-            for s in r["lag_samples"]
-            if "mirror_lag_call_s" in s
-        ]
-        r["mirror_lag_calls"] = full
-        r["mirror_lag_call_max"] = max(full, key=lambda x: x[1], default=None)
         rounds = r["rounds"]
         merges = [x for x in rounds if not x["appended"]]
         appends = [x for x in rounds if x["appended"]]
@@ -721,16 +678,16 @@ def markdown(results: dict[str, Any]) -> str:
         "30% top-level partial updates, 10% deletes with their tombstones), 4 partitions, all in Kafka before "
         "the pipeline starts. Append mode and merge mode read the same topic into separate lakes.",
         "- Pipeline: `python -m dataflow`, one process, recovery on, `CDC_STOP_AT_END=1`, batch sizes, "
-        "`CDC_MIRROR_ROUND_ROWS`, `CDC_MIRROR_ROUND_FRACTION`, `CDC_MIRROR_MAX_WAIT_SECONDS` and "
-        "`CDC_MIRROR_DEFER_BACKLOG` at their defaults. Rates count from the process start (a few seconds of "
+        "`CDC_MIRROR_ROUND_ROWS`, `CDC_MIRROR_ROUND_FRACTION`, `CDC_MIRROR_MAX_WAIT_SECONDS`, "
+        "`CDC_MIRROR_DEFER_BACKLOG` and `CDC_MIRROR_BACKLOG_MAX_WAIT_SECONDS` at their defaults. Rates count from the process start (a few seconds of "
         "start-up included); times are polled once a second.",
         "- changelog = until the changelog has recorded every partition's last offset; updates = the update "
         "events over the time from the seed being recorded to that; caught up = until `Mirror.lag().changes` "
         "is 0 after that (append mode: the changelog is the table). Lag = `Mirror.lag()`'s figures sampled once a "
-        "second (reading only the changelog versions not seen before: `LagProbe`) while the updates go into the "
+        "second (each call reads only the changelog versions committed since the last) while the updates go into the "
         "changelog (a backlog run: the pipeline reads as fast as it can, and while the input holds a "
-        "backlog the rounds wait `CDC_MIRROR_MAX_WAIT_SECONDS`, so the lag is about that wait, not a "
-        "steady-state latency).",
+        "backlog the rounds wait for it to be read, up to `CDC_MIRROR_BACKLOG_MAX_WAIT_SECONDS`, so the "
+        "lag grows with the backlog; not a steady-state latency).",
         "- CPU s = the pipeline's; machine busy CPU s = all CPUs' busy seconds during the run (Kafka, MinIO, "
         "the bench's polling and anything else running included): well above CPU s means the pipeline shared "
         "the machine.",
