@@ -13,7 +13,10 @@ def test_defaults_run_the_embedded_sample() -> None:
     assert s.table_mode == "merge" and s.batch_max_rows == 10_000
     assert s.materializer == "embedded" and s.mirror_round_rows == 500_000
     assert s.lake.mirror_round_fraction == 0.25 and s.lake.mirror_max_wait_s == 60
-    assert s.lake.mirror_defer_backlog == 100_000
+    assert s.lake.mirror_defer_backlog == 100_000 and s.lake.mirror_backlog_max_wait_s == 300
+    assert (
+        Settings.from_env({"CDC_MIRROR_BACKLOG_MAX_WAIT_SECONDS": "30"}).lake.mirror_backlog_max_wait_s == 30
+    )
     assert Settings.from_env({"CDC_MIRROR_DEFER_BACKLOG": "0"}).lake.mirror_defer_backlog == 0
     with pytest.raises(SettingsError, match="CDC_MIRROR_DEFER_BACKLOG"):
         Settings.from_env({"CDC_MIRROR_DEFER_BACKLOG": "-1"})

@@ -2,8 +2,9 @@
 
 Each Kafka partition reports its lag as librdkafka's statistics give it (once
 a second). The materializer reads the total: while the input holds a backlog,
-ingest is what limits the pipeline, so a busy table's mirror round waits its
-longest (`dataflow.sink.materializer.Pace`) and leaves the CPUs to ingest.
+ingest is what limits the pipeline, so a busy table's mirror round waits for
+it to be read, up to a bound (`dataflow.sink.materializer.Pace`), and leaves
+the CPUs to ingest.
 """
 
 from __future__ import annotations
