@@ -6,8 +6,8 @@ can change in any Bytewax release without notice. It keeps what mattered of
 Bytewax's: the same consumer settings, at most `batch_size` messages per poll,
 the end of input at the partition's end when not tailing, consumer errors
 handed out as `KafkaError`, recovery state being the next offset to read, and
-the `bytewax_kafka_consumer_lag` gauge (also told to the process's
-`InputBacklog`, which the materializer reads).
+the `bytewax_kafka_consumer_lag` gauge. After each poll it also tells the
+process's `InputBacklog` what it has left unread, which the materializer reads.
 
 With an empty (new, lost or replaced) recovery store, a partition would start
 at the start of the topic (replaying everything). The offsets recorded in the
@@ -90,6 +90,7 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
         self._consumer = Consumer({**config, "stats_cb": self._stats})
         # Assigned, not subscribed: no consumer group; recovery (or Delta) keeps the offsets.
         self._consumer.assign([TopicPartition(topic, partition, offset)])
+        self._tp = TopicPartition(topic, partition)
 
     def _stats(self, json_stats: str) -> None:
         """librdkafka's statistics (every `statistics.interval.ms`): the lag gauge, as Bytewax sets it."""
@@ -99,8 +100,6 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
         if part is not None and self._offset > 0:
             lag = part["ls_offset"] - self._offset
             self._lag.set(lag)
-            if self._backlog is not None and part["ls_offset"] >= 0:  # negative: not known yet
-                self._backlog.report(self._topic, self._partition, lag)
 
     def next_batch(self) -> list[Item]:
         if self._eof:
@@ -143,7 +142,15 @@ class KafkaPartition(StatefulSourcePartition[Item, int]):
             )
         if next_offset is not None:
             self._offset = next_offset  # resume from the next message, not this one
+        if self._backlog is not None and self._offset >= 0:
+            self._report_backlog()
         return batch
+
+    def _report_backlog(self) -> None:
+        """What is left unread, from the high watermark of the last fetch (no request to the broker)."""
+        _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
+        if high >= 0:  # negative: no fetch response yet
+            self._backlog.report(self._topic, self._partition, high - self._offset)
 
     def snapshot(self) -> int:
         return self._offset
