@@ -128,6 +128,11 @@ class Pace:
     backlog_max_wait_s: float = 300.0
     min_round_rows: int = 50_000
 
+    @property
+    def backlog_wait_s(self) -> float:
+        """The longest a round waits while the input holds a backlog: never shorter than usual."""
+        return max(self.max_wait_s, self.backlog_max_wait_s)
+
 
 @dataclass(slots=True)
 class _Backlog:
@@ -220,7 +225,7 @@ class Materializer:
             return True  # not told of commits (cdc materialize), or nothing known of the mirror yet
         p, waited = self.pace, now - b.since
         if self._input_behind():
-            return waited >= max(p.max_wait_s, p.backlog_max_wait_s)
+            return waited >= p.backlog_wait_s
         return (
             waited >= p.max_wait_s
             or now - b.last_commit >= p.quiet_s
@@ -245,7 +250,7 @@ class Materializer:
                 log.info(
                     "input backlog of %d events: mirror rounds wait up to %gs while it is read",
                     unread,
-                    max(self.pace.max_wait_s, self.pace.backlog_max_wait_s),
+                    self.pace.backlog_wait_s,
                 )
             else:
                 log.info("input caught up (%d events unread): mirror rounds pace as usual", unread)

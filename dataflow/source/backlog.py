@@ -1,10 +1,11 @@
 """How far this process's reading trails Kafka: the events waiting unread in the partitions it reads.
 
 Each Kafka partition reports its lag after every poll, from the high watermark
-of its last fetch (librdkafka keeps it; no request to the broker). The materializer reads the total: while the input holds a backlog,
-ingest is what limits the pipeline, so a busy table's mirror round waits for
-it to be read, up to a bound (`dataflow.sink.materializer.Pace`), and leaves
-the CPUs to ingest.
+of its last fetch (librdkafka keeps it; no request to the broker). The
+materializer reads the total: while the input holds a backlog, ingest is what
+limits the pipeline, so a busy table's mirror round waits for it to be read,
+up to a bound (`dataflow.sink.materializer.Pace`), and leaves the CPUs to
+ingest.
 """
 
 from __future__ import annotations
