@@ -127,7 +127,7 @@ class Changelog:
         table = _feed(dt, first, last, None)
         if table is None:
             return pa.schema(dt.schema().to_arrow()).empty_table()
-        return table.take(pc.sort_indices(table, [("_commit_version", "ascending")]))
+        return _in_commit_order(table)
 
     def to_events(self, table: pa.Table, layout: Layout) -> list[ChangeEvent]:
         """Changelog rows as the change events they were written from."""
@@ -203,10 +203,29 @@ class Changelog:
 _PLAIN = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
 
 
-def _plain(table: pa.Table) -> pa.Table:
+def _plain_schema(schema: pa.Schema) -> pa.Schema:
     """The change feed's view types (string_view, binary_view) as the plain types the table has."""
-    schema = pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in table.schema])
-    return table if schema.equals(table.schema) else table.cast(schema)
+    return pa.schema([f.with_type(_PLAIN.get(f.type, f.type)) for f in schema])
+
+
+def _in_commit_order(table: pa.Table) -> pa.Table:
+    """The feed's rows by commit version, each version's rows in the order read.
+
+    A feed's batches each come from one data file, so one version: they are
+    reordered whole, without copying the rows (a round's feed can be a million
+    rows wide). A batch that mixes versions falls back to sorting the rows.
+    """
+    batches, starts = [], []
+    for b in table.to_batches():
+        if b.num_rows == 0:
+            continue
+        lo, hi = pc.min_max(b.column("_commit_version")).values()
+        if lo != hi:
+            return table.take(pc.sort_indices(table, [("_commit_version", "ascending")]))
+        batches.append(b)
+        starts.append(lo.as_py())
+    order = sorted(range(len(batches)), key=starts.__getitem__)  # stable: read order within a version
+    return pa.Table.from_batches([batches[i] for i in order], schema=table.schema)
 
 
 _NO_FEED = "that does not have change data enabled"
@@ -235,8 +254,13 @@ def _feed(dt: DeltaTable, first: int, last: int, columns: list[str] | None) -> p
     """
     while first <= last:
         try:
-            reader = dt.load_cdf(starting_version=first, ending_version=last, columns=columns)
-            return _plain(pa.RecordBatchReader.from_stream(reader).read_all())
+            reader = pa.RecordBatchReader.from_stream(
+                dt.load_cdf(starting_version=first, ending_version=last, columns=columns)
+            )
+            # batch by batch, so that the feed as read and its plain copy are never both whole
+            schema = _plain_schema(reader.schema)
+            plain = schema.equals(reader.schema)
+            return pa.Table.from_batches([b if plain else b.cast(schema) for b in reader], schema=schema)
         except Exception as e:
             if _NO_FEED not in str(e):
                 raise

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dataflow.lake.changelog import Changelog, Version
-from dataflow.lake.columnar import split
-from dataflow.lake.columns import DEFAULT_MAX_COLUMNS
-from dataflow.lake.writer import DeltaTableWriter
+from dataflow.lake.columnar import Direct, split
+from dataflow.lake.columns import DEFAULT_MAX_COLUMNS, Layout
+from dataflow.lake.writer import DeltaTableWriter, release_arrow_memory
+from dataflow.model import ChangeEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_ROUND_ROWS = 500_000
+DEFAULT_ROUND_ROWS = 1_000_000
 
 
 def mark_app(pipeline: str) -> str:
@@ -150,14 +151,23 @@ class Mirror:
             rows,
             extra={"table": self.table, "rows": rows},
         )
-        feed = self._read(lambda: self.changelog.rows(first, last), "changelog_feed")
-        kinds = self._read(self.changelog.layout, "changelog_feed")
-        direct = None
-        if self.columnar:
-            mirror = self._read(self.writer.layout, "mirror_layout")
-            direct, feed = split(feed, kinds, mirror, self.writer.max_columns)
-        events = self.changelog.to_events(feed, kinds)
-        result = self.writer.apply(events, (self.app, last), kinds=kinds, direct=direct)
+
+        def collapse() -> tuple[list[ChangeEvent], Direct | None, Layout]:
+            # called by the writer, which alone holds what it returns: it lets the round's rows go
+            # once they are in the MERGE source
+            feed = self._read(lambda: self.changelog.rows(first, last), "changelog_feed")
+            kinds = self._read(self.changelog.layout, "changelog_feed")
+            direct = None
+            if self.columnar:
+                mirror = self._read(self.writer.layout, "mirror_layout")
+                direct, feed = split(feed, kinds, mirror, self.writer.max_columns)
+            events = self.changelog.to_events(feed, kinds)
+            del feed
+            release_arrow_memory()
+            return events, direct, kinds
+
+        result = self.writer.apply([], (self.app, last), collapse=collapse)
+        release_arrow_memory()  # what the MERGE source held
         metrics = self.writer.last_merge if result.committed else {}
         self.writer.last_merge = {}
         rewritten = int(metrics.get("num_output_rows", 0) or 0)
@@ -169,7 +179,7 @@ class Mirror:
         return Round(
             first=first,
             last=last,
-            changes=len(events) + (0 if direct is None else direct.changes),
+            changes=result.events,
             rows_written=result.rows_written,
             rows_rewritten=rewritten if not appended else result.rows_written,
             seconds=seconds,

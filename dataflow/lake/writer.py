@@ -170,6 +170,28 @@ def _sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator kept after freeing it back to the system.
+
+    The allocator keeps what a round's feed and its copies freed for reuse,
+    but the MERGE allocates through delta-rs' own allocator: what Arrow kept
+    would only add to the round's peak.
+    """
+    pa.default_memory_pool().release_unused()
+
+
+def _key_range(source: pa.Table) -> str:
+    """The MERGE condition's bounds on the target's `_key`: the source's least and greatest.
+
+    Keys with control characters are left out of SQL text; their MERGE scans
+    every target file, which gives the same result.
+    """
+    lo, hi = (v.as_py() for v in pc.min_max(source.column("_key")).values())
+    if lo is None or any(ord(c) < 32 for c in lo + hi):
+        return ""
+    return f" AND t.`_key` >= {_sql_text(lo)} AND t.`_key` <= {_sql_text(hi)}"
+
+
 def _patch_values(e: ChangeEvent) -> dict[str, Any]:
     vals = dict(e.updated or _NO_FIELDS)
     for r in e.removed:
@@ -454,6 +476,8 @@ class DeltaTableWriter:
         mark: tuple[str, int],
         kinds: Layout | None = None,
         direct: Direct | None = None,
+        *,
+        collapse: Callable[[], tuple[list[ChangeEvent], Direct | None, Layout]] | None = None,
     ) -> WriteResult:
         """Apply changes read back from a changelog to this mirror, recording `mark` (app id, version).
 
@@ -463,14 +487,22 @@ class DeltaTableWriter:
         `kinds`, the changelog's layout, gives new columns the changelog's kind.
         `direct` holds the round's other documents, already collapsed column-wise
         (`dataflow.lake.columnar`): their rows join the same MERGE.
+        `collapse`, instead of those three, makes them here: what it returns is
+        held only by this call, which lets it go once the MERGE source is built.
         """
         if self.mode != "merge":
             raise ValueError("apply() is for merge-mode tables")
+        if collapse is not None:
+            events, direct, kinds = collapse()
         if any(e.op in DDL_OPS for e in events):
             if direct is not None:
                 raise ValueError("a round with a drop or rename is collapsed in Python only")
             return self._write_with_ddl(events, mark=mark, kinds=kinds)
+
         prepared = self._prepare(events, record=False, mark=mark, kinds=kinds, direct=direct)
+        if collapse is not None:  # in the MERGE source now: a large round's rows go before it runs
+            events, direct = [], None
+            release_arrow_memory()
         if not isinstance(prepared, WriteResult):
             return self._commit(prepared)
         if not self._marked(self._dt, mark) and self._dt is not None:
@@ -994,6 +1026,7 @@ class DeltaTableWriter:
                 )
             else:
                 before = dt.version()
+
                 self.last_merge = self._execute_merge(dt, prepared, cp)
                 if dt.version() == before and (prepared.offsets or prepared.marks):
                     # delta-rs makes no commit for a MERGE that changes nothing (all events
@@ -1022,10 +1055,13 @@ class DeltaTableWriter:
         act, guard = m["action"], m["guard"]
         merger = dt.merge(
             prepared.source,
-            "t.`_key` = s.`_key`",
+            "t.`_key` = s.`_key`" + _key_range(prepared.source),
             source_alias="s",
             target_alias="t",
-            streamed_exec=False,  # batches are small; lets delta-rs prune target files by _id stats
+            # Streamed: delta-rs' in-memory source plan took several times the memory of the
+            # source in large rounds (bench/RESULTS.md). The key range prunes target files by
+            # their `_key` stats instead of the in-memory plan's own early filter.
+            streamed_exec=True,
             commit_properties=cp,
             writer_properties=self._writer_properties,
         )
