@@ -608,6 +608,44 @@ def test_pending_versions_counted_once_equal_a_fresh_count(lake) -> None:
         assert kept.pending(after) == ([v for v in every if v.version > after], latest)
 
 
+def test_a_rounds_feed_is_in_commit_order_whatever_the_order_read() -> None:
+    """A feed's batches come in any order of versions; a round applies them by version, each
+    version's rows in the order written. A batch that mixes versions is sorted row by row."""
+    from dataflow.lake.changelog import _in_commit_order
+
+    def batch(version: int, rows: list[str]) -> pa.RecordBatch:
+        return pa.record_batch({"_key": rows, "_commit_version": pa.array([version] * len(rows), pa.int64())})
+
+    read = pa.Table.from_batches(
+        [batch(3, ["e", "f"]), batch(1, ["a", "b"]), batch(2, ["d"]), batch(1, ["c"])]
+    )
+    ordered = _in_commit_order(read)
+    assert ordered.column("_key").to_pylist() == ["a", "b", "c", "d", "e", "f"]
+    assert ordered.column("_commit_version").to_pylist() == [1, 1, 1, 2, 3, 3]
+    mixed = pa.table({"_key": ["z", "y", "x"], "_commit_version": pa.array([2, 1, 2], pa.int64())})
+    assert _in_commit_order(mixed).column("_key").to_pylist() == ["y", "z", "x"]
+
+
+def test_a_round_reads_only_the_mirror_files_its_documents_can_be_in(lake) -> None:
+    """The MERGE's source is streamed (its in-memory plan took several times the source's
+    memory), so the round bounds the target by its keys itself: files whose `_key` range lies
+    outside the round's are not read. Ids with quotes and backslashes go into that SQL text."""
+    log, m = changelog(lake), mirror(lake, max_rows=10)
+    groups = ["a", "b'\\", "c", "d"]
+    offset = 0
+    for g in groups:  # one append round each: one mirror file per group
+        log.write([ev(f"{g}{i}", doc={"n": 0}, offset=offset + i) for i in range(10)])
+        offset += 10
+    assert [r.appended for r in m.catch_up()] == [True] * 4
+    log.write([ev(f"{groups[1]}{i}", "update", updated={"n": 1}, offset=offset + i) for i in range(3)])
+    (r,) = m.catch_up()
+    assert not r.appended and r.changes == 3
+    merge = DeltaTable(TableLocations(lake).uri(DB, COLL, "merge")).history(1)[0]["operationMetrics"]
+    assert (merge["num_target_files_scanned"], merge["num_target_files_skipped_during_scan"]) == (1, 3)
+    want = {f"{g}{i}": {"n": 1 if g == groups[1] and i < 3 else 0} for g in groups for i in range(10)}
+    assert docs(lake) == want
+
+
 def test_cdc_materialize_run_apart_paces_a_busy_table_too(lake) -> None:
     """`cdc materialize --follow` learns what each changelog gained from its row count, as the
     sink tells the embedded materializer: small commits in quick succession wait, a pause applies."""

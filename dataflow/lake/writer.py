@@ -498,7 +498,6 @@ class DeltaTableWriter:
             if direct is not None:
                 raise ValueError("a round with a drop or rename is collapsed in Python only")
             return self._write_with_ddl(events, mark=mark, kinds=kinds)
-
         prepared = self._prepare(events, record=False, mark=mark, kinds=kinds, direct=direct)
         if collapse is not None:  # in the MERGE source now: a large round's rows go before it runs
             events, direct = [], None
@@ -1026,7 +1025,6 @@ class DeltaTableWriter:
                 )
             else:
                 before = dt.version()
-
                 self.last_merge = self._execute_merge(dt, prepared, cp)
                 if dt.version() == before and (prepared.offsets or prepared.marks):
                     # delta-rs makes no commit for a MERGE that changes nothing (all events
