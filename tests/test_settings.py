@@ -11,7 +11,7 @@ def test_defaults_run_the_embedded_sample() -> None:
     s = Settings.from_env({})
     assert s.brokers is None and s.stop_at_end
     assert s.table_mode == "merge" and s.batch_max_rows == 10_000
-    assert s.materializer == "embedded" and s.mirror_round_rows == 1_000_000
+    assert s.materializer == "embedded" and s.mirror_round_rows == 750_000
     assert s.lake.mirror_round_fraction == 0.25 and s.lake.mirror_max_wait_s == 60
     assert s.lake.mirror_defer_backlog == 100_000 and s.lake.mirror_backlog_max_wait_s == 300
     assert (

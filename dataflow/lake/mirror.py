@@ -33,7 +33,7 @@ from dataflow.model import ChangeEvent
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_ROUND_ROWS = 1_000_000
+DEFAULT_ROUND_ROWS = 750_000
 
 
 def mark_app(pipeline: str) -> str:
