@@ -627,9 +627,9 @@ def test_a_rounds_feed_is_in_commit_order_whatever_the_order_read() -> None:
 
 
 def test_a_round_reads_only_the_mirror_files_its_documents_can_be_in(lake) -> None:
-    """The MERGE's source is streamed (its in-memory plan took several times the source's
-    memory), so the round bounds the target by its keys itself: files whose `_key` range lies
-    outside the round's are not read. Ids with quotes and backslashes go into that SQL text."""
+    """The MERGE's source is streamed, so delta-rs does not bound the target by the source's
+    keys: the round does, and files whose `_key` range lies outside the round's are not read.
+    Ids with quotes and backslashes go into that SQL text."""
     log, m = changelog(lake), mirror(lake, max_rows=10)
     groups = ["a", "b'\\", "c", "d"]
     offset = 0

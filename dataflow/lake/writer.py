@@ -1056,9 +1056,9 @@ class DeltaTableWriter:
             "t.`_key` = s.`_key`" + _key_range(prepared.source),
             source_alias="s",
             target_alias="t",
-            # Streamed: delta-rs' in-memory source plan took several times the memory of the
-            # source in large rounds (bench/RESULTS.md). The key range prunes target files by
-            # their `_key` stats instead of the in-memory plan's own early filter.
+            # Streamed: the source is in Arrow already, and delta-rs then does not plan over it in
+            # memory (`python -m bench.merge_source`). Streamed, delta-rs reads every target
+            # file unless the condition bounds `_key`: `_key_range` does, as its in-memory plan did.
             streamed_exec=True,
             commit_properties=cp,
             writer_properties=self._writer_properties,
