@@ -60,6 +60,9 @@ TABLE_DOCS ?= 5000000
 TABLE_UPDATES ?= 1000000
 TABLE_SWEEP ?= 250000,1000000,5000000
 TABLE_SIZE_ARGS ?=
+# With it, one MERGE's memory by how its source reaches delta-rs (bench/merge_source.py); MERGE_SOURCE=0
+# skips it.
+MERGE_SOURCE ?= 1
 # Then table maintenance (bench/maintenance.py): MAINTENANCE_EVENTS append events, files and read times
 # before and after maintain_lake; MAINTENANCE=0 skips it.
 MAINTENANCE ?= 1
@@ -68,6 +71,7 @@ MAINTENANCE_ARGS ?=
 
 ## bench: floor vs hand-written baseline vs this pipeline, and latency; EVENTS=..., BENCH_ARGS=...;
 ## then merge mode against the table size (bench/table_size.py); TABLE_DOCS, TABLE_UPDATES, TABLE_SWEEP;
+## and one MERGE's memory by its source (bench/merge_source.py); MERGE_SOURCE=0 skips it;
 ## then table maintenance (bench/maintenance.py); MAINTENANCE_EVENTS
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
@@ -75,6 +79,8 @@ bench: install
 	@if [ "$(TABLE_SIZE)" != 0 ]; then \
 	  $(PY) -m bench.table_size --docs $(TABLE_DOCS) --updates $(TABLE_UPDATES) --sweep $(TABLE_SWEEP) \
 	    $(TABLE_SIZE_ARGS); fi
+	@if [ "$(TABLE_SIZE)" != 0 ] && [ "$(MERGE_SOURCE)" != 0 ]; then \
+	  $(PY) -m bench.merge_source --updates 1130000; fi
 	@if [ "$(MAINTENANCE)" != 0 ]; then \
 	  $(PY) -m bench.maintenance --events $(MAINTENANCE_EVENTS) $(MAINTENANCE_ARGS); fi
 
