@@ -35,7 +35,7 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
 from bench.table_size import write_section
-from dataflow.lake.writer import WRITER_PROPERTIES
+from dataflow.lake.writer import WRITER_PROPERTIES, _key_range  # the writer's own bound
 
 BENCH = Path(__file__).resolve().parent
 SECTION = "## MERGE source"
@@ -94,10 +94,7 @@ def child(table: Path, variant: str, kind: str, n: int, m: int) -> dict[str, Any
     threading.Thread(target=watch, daemon=True).start()
     time.sleep(0.2)
     before = peak[0]
-    condition = "t._key = s._key"
-    if variant == "streamed+range":
-        lo, hi = src.column("_key")[0].as_py(), src.column("_key")[-1].as_py()
-        condition += f" AND t._key >= '{lo}' AND t._key <= '{hi}'"
+    condition = "t._key = s._key" + (_key_range(src) if variant == "streamed+range" else "")
     cols = src.column_names
     started = time.monotonic()
     metrics = (
